@@ -1,0 +1,1262 @@
+"""edrv_auth: authentication for the eDRV API with requests and httpx.
+
+One object, :class:`EdrvAuth`, fetches an eDRV access token when it is first
+needed, saves it in a private per-user cache file that every process on the
+machine shares, refreshes it shortly before it expires, and renews it once,
+transparently, when the API answers ``401 jwt expired``. eDRV treats excessive
+token requests as misuse, so the whole module is built around asking for as few
+tokens as possible::
+
+    import requests, httpx
+    from edrv_auth import EdrvAuth
+
+    auth = EdrvAuth()                      # $EDRV_CLIENT_ID / $EDRV_CLIENT_SECRET
+    requests.get("https://api.edrv.io/v1.1/chargestations", auth=auth)
+    with httpx.Client(auth=auth) as client:
+        client.get("https://api.edrv.io/v1.1/chargestations")
+
+The file is self-contained: copy it next to a script and it works with whichever
+of requests and httpx is installed (it needs ``filelock``).
+
+Sections, in the order a request travels through them:
+    Errors · EdrvAuth (configuration, adapters) · Token · Token core ·
+    File cache · Token endpoint · Helpers · Command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import email.message
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import stat
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+import filelock
+
+if TYPE_CHECKING:
+    import httpx
+    import requests
+    from httpx import Auth as _HttpxAuthBase
+    from requests.auth import AuthBase as _RequestsAuthBase
+else:
+    # Breakpoint: the module must import when vendored next to a script whose
+    # environment lacks one of the two clients. Each fallback is a distinct empty
+    # class, since two `object` bases would be a duplicate-base error.
+    try:
+        from requests.auth import AuthBase as _RequestsAuthBase
+    except ImportError:  # pragma: no cover - exercised in a subprocess test
+
+        class _RequestsAuthBase:
+            pass
+
+    try:
+        from httpx import Auth as _HttpxAuthBase
+    except ImportError:  # pragma: no cover - exercised in a subprocess test
+
+        class _HttpxAuthBase:
+            pass
+
+
+__version__ = "0.1.0"
+__all__ = ["EdrvAuth", "EdrvAuthError", "TokenRequestError"]
+
+_log = logging.getLogger("edrv_auth")
+
+_DEFAULT_TOKEN_URL: Final = "https://auth.edrv.io/oauth/token"
+_DEFAULT_AUDIENCE: Final = "https://api.edrv.io"
+_DEFAULT_API_URL: Final = "https://api.edrv.io"
+
+_ENV_CLIENT_ID: Final = "EDRV_CLIENT_ID"
+_ENV_CLIENT_SECRET: Final = "EDRV_CLIENT_SECRET"
+_ENV_API_KEY: Final = "EDRV_API_KEY"
+_ENV_TOKEN_URL: Final = "EDRV_TOKEN_URL"
+_ENV_AUDIENCE: Final = "EDRV_AUDIENCE"
+_ENV_API_URL: Final = "EDRV_API_URL"
+_ENV_CACHE_DIR: Final = "EDRV_AUTH_CACHE_DIR"
+_ENV_REDIS_URL: Final = "EDRV_AUTH_REDIS_URL"
+
+#: Longest wait for the token cache lock, in seconds (contract: 30 s at most).
+_LOCK_TIMEOUT = 30.0
+#: A token request, retries and backoff included, gives up before this many
+#: seconds so that a waiting process never times out on a healthy holder.
+_FETCH_DEADLINE: Final = 25.0
+#: Attempts for one token request (the first one plus retries).
+_MAX_ATTEMPTS: Final = 3
+_BACKOFF_BASE: Final = 0.5
+_BACKOFF_CAP: Final = 5.0
+#: A `Retry-After` longer than this is not waited for: the request fails now.
+_RETRY_AFTER_CAP: Final = 10.0
+#: Storm cap (contract behaviour 5): token requests per window, per credential
+#: set, counted in the shared cache across every process.
+_MAX_TOKEN_REQUESTS: Final = 5
+_TOKEN_REQUEST_WINDOW: Final = 60.0
+#: Used when the token endpoint omits `expires_in`; the 401 retry covers a guess
+#: that turns out too long.
+_DEFAULT_EXPIRES_IN: Final = 3600.0
+#: Longer lifetimes are clamped, so a bogus `expires_in` cannot pin a token.
+_MAX_EXPIRES_IN: Final = 30 * 86400.0
+#: Cap on bodies read from the token endpoint and from the cache file.
+_MAX_BODY: Final = 64 * 1024
+#: OAuth errors that mean "these credentials or this audience are wrong".
+_CREDENTIAL_ERRORS: Final = frozenset(
+    {None, "access_denied", "invalid_client", "unauthorized_client", "invalid_grant"}
+)
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
+
+# Indirections that tests replace to control time without sleeping.
+_now: Callable[[], float] = time.time
+_sleep: Callable[[float], None] = time.sleep
+
+
+# ---- Errors ---------------------------------------------------------------
+
+
+class EdrvAuthError(Exception):
+    """Base class of every error that ``edrv_auth`` raises on purpose.
+
+    Messages never contain a client secret, an API key or an access token.
+    """
+
+
+class TokenRequestError(EdrvAuthError):
+    """The token endpoint could not give a token.
+
+    Attributes:
+        status_code: The HTTP status of the last answer, or ``None`` when there
+            was none (connection error, timeout, or a request not sent because
+            of the token-request rate cap).
+        error: The OAuth ``error`` code from the answer's JSON body, if any.
+    """
+
+    def __init__(
+        self, message: str, status_code: int | None = None, error: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the real constructor arguments, so that the error crosses
+        # a multiprocessing pipe intact (the default would drop the attributes).
+        return (type(self), (str(self), self.status_code, self.error))
+
+
+# ---- EdrvAuth: configuration, adapters ------------------------------------
+
+
+class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
+    """Bearer authentication for the eDRV API, for requests and httpx.
+
+    Pass one instance as ``auth=`` to ``requests`` (it is a
+    ``requests.auth.AuthBase``), to ``httpx.Client`` and to
+    ``httpx.AsyncClient`` (it is an ``httpx.Auth``). One instance may serve any
+    number of threads, event loops and forked processes at once.
+
+    How the pieces fit:
+
+    - ``get_token()`` and ``aget_token()`` return a valid token. Both go through
+      one blocking core, ``_token()``: memory, then the shared cache file (read
+      without a lock, since writes are atomic), then, under a cross-process file
+      lock, at most one token request. The async side runs that same core in a
+      worker thread, one job per event loop thread, so the loop never waits on a
+      lock, a file or the network.
+    - ``__call__`` is the requests path: it sets the header and registers a
+      response hook that re-sends the request once on a 401.
+    - ``sync_auth_flow`` / ``async_auth_flow`` are the httpx paths. They do the
+      same, and differ only in how they obtain a token.
+    - On a 401 the rejected token is handed back to the core, which replaces it
+      only if the cache still holds it, and never asks eDRV for more than
+      ``5`` tokens a minute per credential set, across all processes.
+
+    Construction sends nothing and writes nothing; see ``CONTRACT.md`` and the
+    README for every argument and environment variable.
+    """
+
+    def __init__(
+        self,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        *,
+        api_key: str | None = None,
+        token_url: str = _DEFAULT_TOKEN_URL,
+        audience: str = _DEFAULT_AUDIENCE,
+        api_url: str = _DEFAULT_API_URL,
+        cache_dir: str | os.PathLike[str] | None = None,
+        refresh_margin: float = 300.0,
+        timeout: float = 10.0,
+        redis_url: str | None = None,
+    ) -> None:
+        self._client_id, self._client_secret, self._api_key = _credentials(
+            client_id, client_secret, api_key
+        )
+        # The signature's defaults are the real URLs, so an argument left at its
+        # default is "not given" and its environment variable applies.
+        token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
+        audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
+        api_url = _setting(api_url, _DEFAULT_API_URL, _ENV_API_URL)
+        self._token_url = _checked_url("token_url", token_url)
+        self._audience = audience
+        self._api_url = _checked_url("api_url", api_url)
+        self._api_origin = _origin(self._api_url)
+        scheme, host, port = self._api_origin
+        netloc = f"[{host}]" if ":" in host else host
+        if port != _DEFAULT_PORTS[scheme]:
+            netloc += f":{port}"
+        # The hot-path origin check is a prefix test; other spellings of the same
+        # origin (an explicit default port, say) take the parsing path.
+        self._api_prefix = f"{scheme}://{netloc}/"
+        if not _is_number(refresh_margin) or refresh_margin < 0:
+            raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
+        if not _is_number(timeout) or timeout <= 0:
+            raise EdrvAuthError("timeout must be a number of seconds > 0")
+        self._refresh_margin = float(refresh_margin)
+        self._timeout = float(timeout)
+        self._redis_url = redis_url or _env(_ENV_REDIS_URL)
+        if self._redis_url is not None:
+            raise EdrvAuthError("redis_url is not supported yet by this version of edrv_auth")
+        directory = cache_dir or _env(_ENV_CACHE_DIR)
+        self._cache = _FileCache(
+            Path(directory) if directory else _default_cache_dir(),
+            key=f"{self._token_url}\n{self._audience}\n{self._client_id}",
+        )
+        self._current: _Fresh | None = None
+        self._runtime = _Runtime()
+
+    def __repr__(self) -> str:
+        if self._api_key is not None:
+            return f"EdrvAuth(api_key='***', api_url={self._api_url!r})"
+        return (
+            f"EdrvAuth(client_id={self._client_id!r}, api_url={self._api_url!r}, "
+            f"cache={str(self._cache.path)!r})"
+        )
+
+    # Pickling (multiprocessing spawn) and fork: locks, FileLocks and in-flight
+    # jobs belong to one process. They live in `_Runtime`, which pickling drops
+    # and which `_rt()` replaces when it finds itself in a new process.
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_runtime"] = None
+        state["_current"] = None  # the child reads the shared cache instead
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._runtime = _Runtime()
+
+    def _rt(self) -> _Runtime:
+        runtime = self._runtime
+        if runtime.pid != os.getpid():
+            # A forked child: a lock that another thread held at fork time would
+            # never be released here, so start from fresh state.
+            runtime = self._runtime = _Runtime()
+        return runtime
+
+    # -- Public API ----------------------------------------------------------
+
+    def get_token(self) -> str:
+        """Return a valid access token (or the API key in API-key mode).
+
+        From memory when fresh; else from the shared cache file; else from one
+        token request made on behalf of every process sharing the cache.
+
+        Raises:
+            TokenRequestError: No token could be obtained.
+            EdrvAuthError: The cache lock could not be taken in time.
+        """
+        if self._api_key is not None:
+            return self._api_key
+        current = self._current
+        if current is not None and _now() < current.refresh_at:
+            return current.access_token
+        return self._token(None)
+
+    async def aget_token(self) -> str:
+        """Like :meth:`get_token`, without blocking the event loop.
+
+        Works under asyncio and trio. Concurrent tasks of one event loop share one
+        worker-thread job, hence one token request.
+        """
+        if self._api_key is not None:
+            return self._api_key
+        return await self._atoken(None)
+
+    def clear(self) -> None:
+        """Forget the cached token, in memory and on disk.
+
+        The record of recent token requests stays, so clearing in a loop cannot
+        be used to bypass the token-request rate cap.
+        """
+        if self._api_key is not None:
+            return
+        self._current = None
+        runtime = self._rt()
+        runtime.state = _State(None, runtime.state.requests)
+        if not os.path.lexists(self._cache.path):
+            return
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        with self._thread_lock(runtime, deadline), self._cache_lock(runtime, deadline) as locked:
+            if locked:
+                recent = self._read_state(runtime).recent(_now())
+                runtime.state = _State(None, recent)
+                self._cache.remove() if not recent else self._write_state(runtime, runtime.state)
+
+    # -- requests adapter ----------------------------------------------------
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Authenticate a requests ``PreparedRequest`` (the requests path)."""
+        self._check_origin(r.url or "")
+        token = self.get_token()
+        r.headers["Authorization"] = f"Bearer {token}"
+        if self._api_key is None:
+            r.hooks["response"].append(self._retry_hook(token, *_body_position(r.body)))
+        return r
+
+    def _retry_hook(
+        self, token: str, replayable: bool, position: int | None
+    ) -> Callable[..., requests.Response]:
+        """Build the response hook that re-sends one request once on a 401.
+
+        Per-request state lives in this closure (HTTPDigestAuth keeps it in a
+        thread-local). requests copies hooks onto redirected requests, so the
+        hook may fire several times: it acts on the first 401 that our token
+        earned from the API's origin, and never again.
+        """
+        retried = False
+
+        def hook(r: requests.Response, **kwargs: Any) -> requests.Response:
+            nonlocal retried
+            request = r.request
+            if (
+                retried
+                or not replayable
+                or not self._should_retry(r.status_code, request.url or "")
+                or request.headers.get("Authorization") != f"Bearer {token}"
+            ):
+                return r
+            retried = True
+            try:
+                fresh = self._token(token)
+            except BaseException:
+                r.close()
+                raise
+            if fresh == token:
+                return r  # the rate cap kept this token: a resend would fail alike
+            if position is not None:
+                request.body.seek(position)  # type: ignore[union-attr]
+            # As HTTPDigestAuth does: drain and release the connection, re-send a
+            # copy over the same adapter, and keep the 401 in the history.
+            r.content  # noqa: B018 - reading the body frees the connection
+            r.close()
+            prepared = request.copy()
+            _copy_cookies(prepared, r)
+            prepared.headers["Authorization"] = f"Bearer {fresh}"
+            second: requests.Response = r.connection.send(prepared, **kwargs)
+            second.history.append(r)
+            second.request = prepared
+            return second
+
+        return hook
+
+    # -- httpx adapters ------------------------------------------------------
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Authenticate an ``httpx.Client`` request, re-sending it once on a 401."""
+        self._check_httpx_origin(request)
+        token = self.get_token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if self._should_retry_httpx(request, response):
+            fresh = self._token(token)
+            if fresh != token:
+                request.headers["Authorization"] = f"Bearer {fresh}"
+                yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Authenticate an ``httpx.AsyncClient`` request without blocking the loop."""
+        self._check_httpx_origin(request)
+        token = await self.aget_token()
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if self._should_retry_httpx(request, response):
+            fresh = await self._atoken(token)
+            if fresh != token:
+                request.headers["Authorization"] = f"Bearer {fresh}"
+                yield request
+
+    def _check_httpx_origin(self, request: httpx.Request) -> None:
+        url = request.url
+        if (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)) != self._api_origin:
+            self._refuse_origin(str(url))
+
+    def _should_retry_httpx(self, request: httpx.Request, response: httpx.Response) -> bool:
+        # httpx hands the flow the response after redirects; decide on the
+        # request that response really answers, and replay only bodies that
+        # were fully in memory (a generator or file stream cannot be re-sent).
+        import httpx
+
+        return isinstance(request.stream, httpx.ByteStream) and self._should_retry(
+            response.status_code, str(response.request.url)
+        )
+
+    # -- The one retry policy, and the origin guard --------------------------
+
+    def _should_retry(self, status_code: int, url: str) -> bool:
+        """Whether a response earns one more try with a fresh token.
+
+        Only a 401 from the API's origin to a request we authenticated with a
+        token (not an API key), whose body can be replayed (checked by caller).
+        """
+        return status_code == 401 and self._api_key is None and self._same_origin(url)
+
+    def _same_origin(self, url: str) -> bool:
+        if url.startswith(self._api_prefix):
+            return True
+        try:
+            return _origin(url) == self._api_origin
+        except ValueError:
+            return False
+
+    def _check_origin(self, url: str) -> None:
+        if not self._same_origin(url):
+            self._refuse_origin(url)
+
+    def _refuse_origin(self, url: str) -> NoReturn:
+        parts = urllib.parse.urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname or ''}" + (
+            f":{parts.port}" if _safe_port(parts) else ""
+        )
+        raise EdrvAuthError(
+            f"refusing to send the eDRV token to {shown}: only {self._api_url} may receive it "
+            f"(set api_url or {_ENV_API_URL} to change the API's address)"
+        )
+
+    # ---- Token core: memory -> file -> endpoint, single-flight ------------
+
+    def _token(self, stale: str | None) -> str:
+        """Return a usable token other than ``stale``; the one blocking core.
+
+        ``stale`` is a token the API has just rejected. It is replaced only if
+        the cache still holds it (compare-and-swap): a token that another thread
+        or process already put in its place is returned instead. A token request
+        is made only under the cross-process lock and only while the shared rate
+        cap allows it; past the cap, a token that has not yet expired is handed
+        back, even ``stale`` itself, which tells a retrying caller not to resend.
+        """
+        runtime = self._rt()
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        with self._thread_lock(runtime, deadline):
+            found = self._usable(self._current, stale)
+            if found is not None:
+                return found
+            # Writes are atomic renames, so a read without the lock is safe: a
+            # new process with a warm cache never touches the lock.
+            found = self._adopt(self._read_state(runtime).token, stale)
+            if found is not None:
+                return found
+            with self._cache_lock(runtime, deadline) as locked:
+                state = self._read_state(runtime) if locked else runtime.state
+                found = self._adopt(state.token, stale)
+                if found is not None:
+                    return found
+                return self._refresh(runtime, state, stale, save=locked)
+
+    def _refresh(self, runtime: _Runtime, state: _State, stale: str | None, *, save: bool) -> str:
+        """Request a new token within the shared rate cap; record and save it."""
+        now = _now()
+        recent = state.recent(now)
+        budget = _MAX_TOKEN_REQUESTS - len(recent)
+        if budget <= 0:
+            return self._past_the_cap(state, recent, now)
+        if stale is not None:
+            _log.debug("the API rejected the current token; requesting a new one")
+        sent: list[float] = []
+        # A token the API rejected is dropped even if no new one comes.
+        kept = state.token if state.token and state.token.access_token != stale else None
+        try:
+            kept = self._request_token(min(budget, _MAX_ATTEMPTS), sent)
+        finally:
+            runtime.state = _State(kept, recent + tuple(sent))
+            if save:
+                self._write_state(runtime, runtime.state)
+        self._adopt(kept, None)
+        return kept.access_token
+
+    def _past_the_cap(self, state: _State, recent: tuple[float, ...], now: float) -> str:
+        held = [state.token, self._current.token if self._current else None]
+        for token in held:
+            if token is not None and now < token.expires_at:
+                _log.debug("token request rate cap reached; keeping the current token")
+                return token.access_token
+        wait = max(recent[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
+        raise TokenRequestError(
+            f"not requesting a token: {len(recent)} token requests in the last "
+            f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
+            f"as misuse); the next one is allowed in {wait:.0f} s"
+        )
+
+    def _usable(self, current: _Fresh | None, stale: str | None) -> str | None:
+        if current is None or current.access_token == stale or _now() >= current.refresh_at:
+            return None
+        return current.access_token
+
+    def _adopt(self, token: _Token | None, stale: str | None) -> str | None:
+        """Publish ``token`` for the hot path if it is usable and not ``stale``."""
+        if token is None:
+            return None
+        fresh = _Fresh(token, token.refresh_at(self._refresh_margin))
+        found = self._usable(fresh, stale)
+        if found is not None:
+            self._current = fresh  # one assignment: readers need no lock
+        return found
+
+    async def _atoken(self, stale: str | None) -> str:
+        """The async face of :meth:`_token`: the same core, in a worker thread.
+
+        Tasks of one event loop that need a token at the same time share one job
+        (keyed by the loop's thread and the rejected token), so a hundred tasks
+        on a cold cache occupy one worker thread and cause one token request.
+        The event loop itself never takes a lock: it reads one attribute.
+        """
+        found = self._usable(self._current, stale)
+        if found is not None:
+            return found
+        run_sync, make_event = _async_backend()
+        jobs = self._rt().jobs
+        key = (threading.get_ident(), stale)
+        job = jobs.get(key)
+        if job is not None:
+            await job.done.wait()
+            if job.error is not None:
+                raise job.error
+            if job.value is not None:
+                return job.value
+            return await self._atoken(stale)  # the leading task was cancelled
+        job = jobs[key] = _Job(make_event())
+        try:
+            job.value = await run_sync(self._token, stale)
+        except Exception as exc:
+            job.error = exc
+            raise
+        finally:
+            del jobs[key]
+            job.done.set()
+        return job.value
+
+    @contextlib.contextmanager
+    def _thread_lock(self, runtime: _Runtime, deadline: float) -> Iterator[None]:
+        if not runtime.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise EdrvAuthError(
+                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token request"
+            )
+        try:
+            yield
+        finally:
+            runtime.lock.release()
+
+    @contextlib.contextmanager
+    def _cache_lock(self, runtime: _Runtime, deadline: float) -> Iterator[bool]:
+        """Hold the cross-process lock; yield whether the file cache is usable.
+
+        A cache folder that cannot be created or written (a read-only home in a
+        container) degrades to the in-memory cache, with one warning.
+        """
+        if runtime.file_lock is None:
+            runtime.file_lock = self._cache.make_lock()
+        try:
+            self._cache.ensure_dir()
+            runtime.file_lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+        except filelock.Timeout as exc:
+            raise EdrvAuthError(
+                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
+                f"{self._cache.lock_path} (another process holds it)"
+            ) from exc
+        except OSError as exc:
+            self._warn_no_cache(runtime, exc)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            runtime.file_lock.release()
+
+    def _read_state(self, runtime: _Runtime) -> _State:
+        state = self._cache.read()
+        if state is not None:
+            runtime.state = state
+            return state
+        return runtime.state
+
+    def _write_state(self, runtime: _Runtime, state: _State) -> None:
+        try:
+            self._cache.write(state)
+        except OSError as exc:
+            self._warn_no_cache(runtime, exc)
+
+    def _warn_no_cache(self, runtime: _Runtime, exc: OSError) -> None:
+        if not runtime.warned:
+            runtime.warned = True
+            _log.warning(
+                "cannot use the token cache in %s (%s); keeping the token in memory only",
+                self._cache.directory,
+                exc.strerror or type(exc).__name__,
+            )
+
+    # ---- Token endpoint: one request, bounded retries, parsing ------------
+
+    def _request_token(self, attempts: int, sent: list[float]) -> _Token:
+        """Ask the token endpoint for a token, retrying transient failures.
+
+        Connection errors, timeouts, 429 and 5xx are retried with exponential
+        backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx
+        are final. ``sent`` receives the time of every attempt, for the shared
+        rate cap. Returns the parsed token.
+        """
+        form = urllib.parse.urlencode(
+            {
+                "grant_type": "client_credentials",
+                "client_id": self._client_id or "",
+                "client_secret": self._client_secret or "",
+                "audience": self._audience,
+            }
+        ).encode()
+        secrets = (self._client_secret or "",)
+        started = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            _log.debug("requesting a token from %s (attempt %d)", self._token_url, attempt)
+            obtained_at = _now()
+            retry_after: float | None = None
+            try:
+                status, headers, body = _post(self._token_url, form, self._timeout)
+            except (OSError, http.client.HTTPException) as exc:
+                if not _never_connected(exc):
+                    sent.append(obtained_at)
+                error = TokenRequestError(
+                    f"could not reach the token endpoint {self._token_url}: {_describe(exc)}"
+                )
+            else:
+                sent.append(obtained_at)
+                if 200 <= status < 300:
+                    return _parse_token(body, obtained_at, secrets)
+                error = _token_error(self._token_url, status, headers, body, secrets)
+                if status != 429 and status < 500:
+                    raise error
+                retry_after = _retry_after(headers.get("Retry-After"))
+                if retry_after is not None and retry_after > _RETRY_AFTER_CAP:
+                    raise error
+            delay = _backoff(attempt, retry_after)
+            if attempt == attempts or time.monotonic() - started + delay + self._timeout > (
+                _FETCH_DEADLINE
+            ):
+                raise error
+            _log.debug("token request failed (%s); retrying in %.2f s", error.status_code, delay)
+            _sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---- Token: immutable value + expiry arithmetic (pure) --------------------
+
+
+@dataclass(frozen=True, repr=False)
+class _Token:
+    """An access token and when it was obtained and expires (epoch seconds)."""
+
+    access_token: str
+    obtained_at: float
+    expires_at: float
+    scope: str = ""
+
+    def __repr__(self) -> str:
+        return f"_Token(access_token='***', expires_at={self.expires_at!r}, scope={self.scope!r})"
+
+    def refresh_at(self, margin: float) -> float:
+        """When to stop using this token, ``margin`` seconds before expiry.
+
+        A lifetime shorter than the margin would make every token stale at
+        birth, so the margin shrinks to half the lifetime in that case.
+        """
+        lifetime = self.expires_at - self.obtained_at
+        if lifetime < margin:
+            margin = lifetime / 2
+        return self.expires_at - margin
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "access_token": self.access_token,
+            "obtained_at": self.obtained_at,
+            "expires_at": self.expires_at,
+            "scope": self.scope,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> _Token | None:
+        if not isinstance(data, dict):
+            return None
+        token, obtained, expires, scope = (
+            data.get("access_token"),
+            data.get("obtained_at"),
+            data.get("expires_at"),
+            data.get("scope", ""),
+        )
+        if (
+            not isinstance(token, str)
+            or not _TOKEN_CHARS.fullmatch(token)
+            or not isinstance(obtained, (int, float))
+            or not isinstance(expires, (int, float))
+            or not _is_number(obtained)
+            or not _is_number(expires)
+            or obtained > expires
+            or not isinstance(scope, str)
+        ):
+            return None
+        return cls(token, float(obtained), float(expires), scope)
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """What the hot path reads: a token and when it stops being usable."""
+
+    token: _Token
+    refresh_at: float
+
+    @property
+    def access_token(self) -> str:
+        return self.token.access_token
+
+    def __repr__(self) -> str:
+        return f"_Fresh(refresh_at={self.refresh_at!r})"
+
+
+@dataclass(frozen=True)
+class _State:
+    """What the shared cache holds: the token, and recent token-request times."""
+
+    token: _Token | None = None
+    requests: tuple[float, ...] = ()
+
+    def recent(self, now: float) -> tuple[float, ...]:
+        """Token-request times inside the rate-cap window ending at ``now``."""
+        return tuple(t for t in self.requests if now - _TOKEN_REQUEST_WINDOW < t <= now + 1)
+
+
+class _Job:
+    """One in-flight async token job that several tasks wait on."""
+
+    def __init__(self, done: Any) -> None:
+        self.done = done  # an anyio.Event (or asyncio.Event without anyio)
+        self.value: str | None = None
+        self.error: Exception | None = None
+
+
+class _Runtime:
+    """Everything that belongs to one process: locks and in-flight jobs.
+
+    Neither locks nor ``FileLock`` objects survive pickling, and filelock
+    refuses a lock object inherited across ``fork()``; keeping them all here
+    lets pickling drop them and a forked child replace them in one step.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.file_lock: filelock.BaseFileLock | None = None
+        self.jobs: dict[tuple[int, str | None], _Job] = {}
+        self.state = _State()  # the last known cache state; all we have without a file
+        self.warned = False
+
+
+# ---- File cache: validate on read, atomic 0600 write ----------------------
+
+
+class _FileCache:
+    """The token cache file shared by every process of one user.
+
+    One file per (token_url, audience, client_id), named by a hash so that no
+    identifier shows in the file name, inside a ``0700`` folder. Writes go to a
+    temporary ``0600`` file that atomically replaces the old one. Reads trust
+    only a regular file owned by this user and not writable by others, opened
+    without following symbolic links; anything else is ignored and replaced.
+    """
+
+    def __init__(self, directory: Path, key: str) -> None:
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self.directory = directory
+        self.path = directory / f"{name}.json"
+        self.lock_path = directory / f"{name}.lock"
+
+    def make_lock(self) -> filelock.BaseFileLock:
+        return filelock.FileLock(self.lock_path, mode=0o600)
+
+    def ensure_dir(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def read(self) -> _State | None:
+        """Return the cached state, or ``None`` if there is none to trust."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
+            return None
+        try:
+            problem = _untrusted(os.fstat(fd))
+            if problem:
+                _log.debug("ignoring the cache file %s: %s", self.path, problem)
+                return None
+            raw = os.read(fd, _MAX_BODY + 1)
+        except OSError as exc:
+            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
+            return None
+        finally:
+            os.close(fd)
+        state = _parse_state(raw)
+        if state is None:
+            _log.debug("ignoring the cache file %s: not a valid token cache", self.path)
+        return state
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def write(self, state: _State) -> None:
+        """Atomically replace the cache file with ``state``."""
+        payload = {
+            "version": 1,
+            "token": state.token.to_json() if state.token else None,
+            "token_requests": list(state.requests),
+        }
+        data = json.dumps(payload).encode()
+        self.ensure_dir()
+        temporary = self.directory / f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            try:
+                if hasattr(os, "fchmod"):  # Breakpoint: Windows has no fchmod
+                    os.fchmod(fd, 0o600)  # a umask can only remove bits; make it exact
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+
+_O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+
+
+def _untrusted(info: os.stat_result) -> str | None:
+    """Why a cache file must not be trusted, or ``None`` if it may be."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return "owned by another user"
+    if os.name == "posix" and info.st_mode & 0o022:
+        return "writable by group or others"
+    if info.st_size > _MAX_BODY:
+        return "too large"
+    return None
+
+
+def _parse_state(raw: bytes) -> _State | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return None
+    requests = data.get("token_requests")
+    if not isinstance(requests, list) or not all(_is_number(t) for t in requests):
+        return None
+    token_data = data.get("token")
+    token = _Token.from_json(token_data)
+    if token is None and token_data is not None:
+        return None
+    return _State(token, tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:]))
+
+
+def _default_cache_dir() -> Path:
+    """The per-user cache folder, without a dependency (appdirs' rules).
+
+    ========  ===========================================
+    Windows   ``%LOCALAPPDATA%\\edrv_auth``
+    macOS     ``~/Library/Caches/edrv_auth``
+    other     ``$XDG_CACHE_HOME/edrv_auth`` (if absolute), else ``~/.cache/edrv_auth``
+    ========  ===========================================
+    """
+    if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":  # pragma: no cover - CI runs on Linux
+        base = str(Path.home() / "Library" / "Caches")
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".cache")
+    return Path(base) / "edrv_auth"
+
+
+# ---- Token endpoint: transport and parsing (pure where possible) ----------
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect from the token endpoint: the form holds the secret."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Message, bytes]:
+    """POST ``form`` to ``url``; return status, headers and (capped) body.
+
+    The stdlib client keeps the token request independent of the caller's
+    session and of which HTTP library is installed; it honours the usual proxy
+    environment variables.
+    """
+    request = urllib.request.Request(
+        url,
+        data=form,
+        method="POST",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+            "User-Agent": f"edrv-auth/{__version__}",
+        },
+    )
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read(_MAX_BODY)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers, exc.read(_MAX_BODY)
+
+
+def _parse_token(body: bytes, obtained_at: float, secrets: tuple[str, ...]) -> _Token:
+    """Turn a 2xx token response into a `_Token`, or raise `TokenRequestError`."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise TokenRequestError("the token endpoint answered without a JSON object", None)
+    access_token = data.get("access_token")
+    if not isinstance(access_token, str) or not _TOKEN_CHARS.fullmatch(access_token):
+        raise TokenRequestError("the token endpoint's answer has no usable access_token")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TokenRequestError(
+            f"the token endpoint issued a {_clean(str(token_type), secrets)!r} token, not Bearer"
+        )
+    expires_in = data.get("expires_in", _DEFAULT_EXPIRES_IN)
+    if not _is_number(expires_in) or expires_in <= 0:
+        raise TokenRequestError(
+            "the token endpoint's answer has an invalid expires_in (not a positive number)"
+        )
+    scope = data.get("scope")
+    lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
+    token = _Token(
+        access_token, obtained_at, obtained_at + lifetime, scope if isinstance(scope, str) else ""
+    )
+    _log.debug("obtained a token valid for %.0f s (scope %r)", lifetime, token.scope)
+    return token
+
+
+def _token_error(
+    url: str, status: int, headers: email.message.Message, body: bytes, secrets: tuple[str, ...]
+) -> TokenRequestError:
+    """Describe a failed token response from its status and OAuth fields only.
+
+    Never the raw body: a proxy may echo the form, client secret included.
+    """
+    error = description = None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        if isinstance(data.get("error"), str):
+            error = _clean(data["error"], secrets, limit=64)
+        if isinstance(data.get("error_description"), str):
+            description = _clean(data["error_description"], secrets)
+    message = f"token request to {url} failed: HTTP {status}"
+    if error:
+        message += f" {error}"
+    if description:
+        message += f": {description}"
+    if data is None and body:
+        message += f" (not JSON: {_clean(headers.get('Content-Type') or 'no content type', ())})"
+    if status in (400, 401, 403) and error in _CREDENTIAL_ERRORS:
+        message += f" (check {_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET} and the audience)"
+    return TokenRequestError(message, status, error)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        moment = email.utils.parsedate_to_datetime(value)
+        return max(float(moment.timestamp()) - _now(), 0.0)
+    return None
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    """Delay before attempt ``attempt + 1``: Retry-After, else capped jittered exponential."""
+    if retry_after is not None:
+        return min(retry_after, _RETRY_AFTER_CAP)
+    exponential = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0 ** min(attempt - 1, 16))
+    return exponential * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+
+
+# ---- Helpers --------------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    """An environment variable, with empty meaning unset."""
+    return os.environ.get(name) or None
+
+
+def _setting(value: str, default: str, variable: str) -> str:
+    """An argument if it differs from its default, else its variable, else the default."""
+    if value != default:
+        return value
+    return _env(variable) or default
+
+
+def _credentials(
+    client_id: str | None, client_secret: str | None, api_key: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """Decide the mode and its credentials; explicit arguments win.
+
+    When any credential is given as an argument, the mode is the one those
+    arguments choose and the environment only fills in the other half of a client
+    id/secret pair. Otherwise everything comes from the environment.
+    """
+    if api_key is not None or client_id is not None or client_secret is not None:
+        if api_key is None:
+            client_id = client_id or _env(_ENV_CLIENT_ID)
+            client_secret = client_secret or _env(_ENV_CLIENT_SECRET)
+    else:
+        client_id, client_secret = _env(_ENV_CLIENT_ID), _env(_ENV_CLIENT_SECRET)
+        api_key = _env(_ENV_API_KEY)
+    has_client = bool(client_id or client_secret)
+    if api_key and has_client:
+        raise EdrvAuthError(
+            f"give either an API key ({_ENV_API_KEY}) or client credentials "
+            f"({_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET}), not both"
+        )
+    if api_key:
+        return None, None, api_key
+    missing = [
+        name
+        for name, value in ((_ENV_CLIENT_ID, client_id), (_ENV_CLIENT_SECRET, client_secret))
+        if not value
+    ]
+    if len(missing) == 2:
+        raise EdrvAuthError(
+            f"no eDRV credentials: set {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} "
+            f"(or {_ENV_API_KEY}), or pass them to EdrvAuth()"
+        )
+    if missing:
+        raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
+    return client_id, client_secret, None
+
+
+def _checked_url(name: str, url: str) -> str:
+    """Validate a configured URL: https, or http only on a loopback host."""
+    try:
+        scheme, host, _ = _origin(url)
+    except ValueError:
+        raise EdrvAuthError(f"{name} is not a valid http(s) URL: {url!r}") from None
+    if scheme == "http" and host not in _LOOPBACK_HOSTS:
+        raise EdrvAuthError(
+            f"{name} must use https (http is allowed only on a loopback host): {url!r}"
+        )
+    return url
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, with the default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an http(s) URL")
+    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
+
+
+def _safe_port(parts: urllib.parse.SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
+
+
+def _body_position(body: object) -> tuple[bool, int | None]:
+    """Whether a requests body can be sent again, and where to rewind it to.
+
+    Bytes, str and no body replay as they are; a seekable file replays from the
+    position it had before the first send; anything else (a generator, a
+    non-seekable stream) cannot be replayed.
+    """
+    if body is None or isinstance(body, (bytes, str)):
+        return True, None
+    if hasattr(body, "seek") and hasattr(body, "tell"):
+        try:
+            position = body.tell()
+        except (OSError, ValueError):
+            return False, None
+        if isinstance(position, int):
+            return True, position
+    return False, None
+
+
+def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Response) -> None:
+    # As HTTPDigestAuth does, carry cookies set by the 401 into the re-sent request.
+    from requests.cookies import extract_cookies_to_jar
+
+    jar = prepared._cookies  # type: ignore[attr-defined]
+    extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call]
+    prepared.prepare_cookies(jar)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _clean(text: str, secrets: tuple[str, ...], limit: int = 200) -> str:
+    """Make server-provided text safe for a message: no secrets, no control chars."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether a token request failed before eDRV could have received it.
+
+    Such attempts do not count towards the rate cap: a refused connection or an
+    unknown host is not a token request, and counting them would lock callers out
+    for a minute after the briefest outage.
+    """
+    reason = getattr(exc, "reason", exc)
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError):
+        return "timed out"
+    detail = reason if isinstance(reason, BaseException) else exc
+    text = getattr(detail, "strerror", None) or type(detail).__name__
+    return _clean(str(text), ())
+
+
+def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any]]:
+    """Worker-thread runner and event factory for the running async library.
+
+    anyio (always installed with httpx) serves asyncio and trio alike; plain
+    asyncio is the fallback when the file is vendored without it.
+    """
+    try:
+        import anyio
+        import anyio.to_thread
+    except ImportError:  # pragma: no cover - exercised in a subprocess test
+        import asyncio
+
+        return asyncio.to_thread, asyncio.Event
+    return anyio.to_thread.run_sync, anyio.Event
+
+
+# ---- Command line ---------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edrv_auth token|status|clear``; returns the exit status.
+
+    Exit status: 0 success, 1 an eDRV or cache error, 2 a usage or
+    configuration error.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m edrv_auth",
+        description="Get, inspect or clear the cached eDRV access token.",
+        epilog="Configuration comes from EDRV_CLIENT_ID, EDRV_CLIENT_SECRET (or EDRV_API_KEY) "
+        "and the other EDRV_* variables described in the README.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("token", help="print a valid access token (and nothing else)")
+    commands.add_parser("status", help="show the cache file, the token's lifetime and scope")
+    commands.add_parser("clear", help="remove the cached token")
+    args = parser.parse_args(argv)
+    try:
+        auth = EdrvAuth()
+    except EdrvAuthError as exc:
+        print(f"edrv_auth: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "token":
+            print(auth.get_token())
+        elif args.command == "clear":
+            auth.clear()
+            print(f"cleared {auth._cache.path}")
+        else:
+            _print_status(auth)
+    except EdrvAuthError as exc:
+        print(f"edrv_auth: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_status(auth: EdrvAuth) -> None:
+    if auth._api_key is not None:
+        print("mode: API key (no token, no cache)")
+        return
+    state = auth._cache.read()
+    print(f"cache file: {auth._cache.path}")
+    token = state.token if state else None
+    if token is None:
+        print("token: none cached")
+        return
+    now = _now()
+    obtained = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token.obtained_at))
+    print(f"obtained: {obtained}")
+    remaining = token.expires_at - now
+    print(f"expires in: {remaining:.0f} s" if remaining > 0 else "expired")
+    print(f"scope: {token.scope or '(none)'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

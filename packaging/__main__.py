@@ -1,0 +1,3 @@
+from edrv_auth import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Shared fixtures: a clean environment, a loopback fake eDRV, and a leak watch.
+
+Every test runs with no ``EDRV_*`` or proxy variables from the developer's shell,
+with ``EDRV_AUTH_CACHE_DIR`` pointing into its own temporary folder, and with the
+``edrv_auth`` logger captured at DEBUG: at the end of each test, no record may
+contain the canary client secret, the canary API key or any token the fake
+issued.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # tests import the fake server as `fake_edrv`
+
+import edrv_auth  # noqa: E402
+from fake_edrv import FakeEdrv  # noqa: E402
+
+#: Distinctive fakes: if one of them shows up in a log, a message or a repr, the
+#: watch below fails the test.
+CLIENT_ID = "test-client-id"
+CLIENT_SECRET = "test-secret-canary-4b1d7e"
+API_KEY = "test-api-key-canary-93c2a8"
+
+_CLEARED_PREFIXES = ("EDRV_",)
+_CLEARED_NAMES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "SSL_CERT_FILE",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Isolate each test from the shell's EDRV_* and proxy variables."""
+    for name in list(os.environ):
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
+            monkeypatch.delenv(name)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDRV_AUTH_CACHE_DIR", str(cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return cache
+
+
+class LeakWatch(logging.Handler):
+    """Collects every formatted ``edrv_auth`` record, and the strings that must not leak."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+        self.secrets: set[str] = {CLIENT_SECRET, API_KEY}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.messages.append(text)
+
+    def leaks(self, *texts: str) -> list[str]:
+        """The secrets found in the given texts and in every captured record."""
+        return [s for s in self.secrets for t in (*texts, *self.messages) if s and s in t]
+
+
+@pytest.fixture(autouse=True)
+def leak_watch() -> Iterator[LeakWatch]:
+    """Fail any test during which a secret or issued token reached the log."""
+    logger = logging.getLogger("edrv_auth")
+    watch = LeakWatch()
+    old_level = logger.level
+    logger.addHandler(watch)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(old_level)
+    assert watch.leaks() == [], "a secret or token reached the edrv_auth log"
+
+
+@pytest.fixture
+def fake(leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
+    """A running fake eDRV whose issued tokens are added to the leak watch."""
+    server = FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        leak_watch.secrets.update(server.issued_tokens)
+
+
+@pytest.fixture
+def make_auth(fake: FakeEdrv, clean_env: Path) -> Callable[..., edrv_auth.EdrvAuth]:
+    """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
+
+    def make(**overrides: Any) -> edrv_auth.EdrvAuth:
+        options: dict[str, Any] = {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "token_url": fake.token_url,
+            "api_url": fake.url,
+            "cache_dir": clean_env,
+        }
+        options.update(overrides)
+        return edrv_auth.EdrvAuth(**options)
+
+    return make
+
+
+@pytest.fixture
+def fake_env(fake: FakeEdrv, monkeypatch: pytest.MonkeyPatch) -> FakeEdrv:
+    """Point the EDRV_* variables at the fake (for child processes and the CLI)."""
+    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    monkeypatch.setenv("EDRV_TOKEN_URL", fake.token_url)
+    monkeypatch.setenv("EDRV_API_URL", fake.url)
+    return fake
+
+
+class Clock:
+    """A settable wall clock for `edrv_auth._now`, so expiry needs no sleeping."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Freeze edrv_auth's clock at the real time; tests move it with advance()."""
+    import time
+
+    fake_clock = Clock(time.time())
+    monkeypatch.setattr(edrv_auth, "_now", fake_clock)
+    return fake_clock
+
+
+@pytest.fixture
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the token request's backoff sleeps instead of sleeping."""
+    slept: list[float] = []
+    monkeypatch.setattr(edrv_auth, "_sleep", slept.append)
+    return slept
