@@ -22,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # tests import the fake server as `fake_edrv`
 
-import edrv_auth  # noqa: E402
 from fake_edrv import FakeEdrv  # noqa: E402
+
+import edrv_auth  # noqa: E402
 
 #: Distinctive fakes: if one of them shows up in a log, a message or a repr, the
 #: watch below fails the test.

@@ -22,7 +22,7 @@ def sync_usage() -> None:
 
 
 async def async_usage() -> None:
-    auth = EdrvAuth(api_key="test-api-key", cache_dir="/tmp/x")
+    auth = EdrvAuth(api_key="test-api-key", cache_dir="edrv-cache")
     token: str = await auth.aget_token()
     async with httpx.AsyncClient(auth=auth) as client:
         await client.get("https://api.edrv.io/v1.1/chargestations")

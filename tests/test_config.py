@@ -1,0 +1,232 @@
+"""Construction: arguments, environment variables, validation, repr, pickling."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, LeakWatch
+
+import edrv_auth
+from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
+
+
+def test_public_names() -> None:
+    """The module exports exactly the three contract names and a literal version."""
+    assert edrv_auth.__all__ == ["EdrvAuth", "EdrvAuthError", "TokenRequestError"]
+    assert issubclass(TokenRequestError, EdrvAuthError)
+    assert issubclass(EdrvAuthError, Exception)
+    assert isinstance(edrv_auth.__version__, str)
+
+
+def test_is_an_auth_for_both_libraries() -> None:
+    """One object is a requests AuthBase and an httpx Auth."""
+    import httpx
+    import requests.auth
+
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    assert isinstance(auth, requests.auth.AuthBase)
+    assert isinstance(auth, httpx.Auth)
+
+
+def test_construction_is_lazy(clean_env: Path) -> None:
+    """Constructing sends nothing and writes nothing, even with a cache folder given."""
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET, token_url="http://127.0.0.1:9/oauth/token")
+    assert not clean_env.exists()
+
+
+def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no arguments, client credentials come from EDRV_CLIENT_ID/EDRV_CLIENT_SECRET."""
+    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    auth = EdrvAuth()
+    assert (auth._client_id, auth._client_secret, auth._api_key) == (
+        CLIENT_ID,
+        CLIENT_SECRET,
+        None,
+    )
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only EDRV_API_KEY set, the object is in API-key mode."""
+    monkeypatch.setenv("EDRV_API_KEY", API_KEY)
+    auth = EdrvAuth()
+    assert auth._api_key == API_KEY
+    assert auth.get_token() == API_KEY
+
+
+def test_explicit_argument_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit client id overrides EDRV_CLIENT_ID; the secret still comes from the env."""
+    monkeypatch.setenv("EDRV_CLIENT_ID", "test-env-client-id")
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    auth = EdrvAuth("test-arg-client-id")
+    assert (auth._client_id, auth._client_secret) == ("test-arg-client-id", CLIENT_SECRET)
+
+
+def test_explicit_api_key_ignores_client_credentials_in_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Passing api_key= chooses API-key mode even when the env holds client credentials."""
+    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    auth = EdrvAuth(api_key=API_KEY)
+    assert (auth._api_key, auth._client_id) == (API_KEY, None)
+
+
+def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """URL variables apply when the argument is left at its default; an argument wins."""
+    monkeypatch.setenv("EDRV_TOKEN_URL", "http://127.0.0.1:1/oauth/token")
+    monkeypatch.setenv("EDRV_API_URL", "http://127.0.0.1:2")
+    monkeypatch.setenv("EDRV_AUDIENCE", "https://audience.example")
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    assert (auth._token_url, auth._api_url, auth._audience) == (
+        "http://127.0.0.1:1/oauth/token",
+        "http://127.0.0.1:2",
+        "https://audience.example",
+    )
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url="http://localhost:3")
+    assert auth._api_url == "http://localhost:3"
+
+
+def test_defaults_are_edrv() -> None:
+    """Without configuration the real eDRV endpoints are used."""
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    assert (auth._token_url, auth._api_url, auth._audience) == (
+        "https://auth.edrv.io/oauth/token",
+        "https://api.edrv.io",
+        "https://api.edrv.io",
+    )
+
+
+def test_cache_dir_argument_then_environment_then_user_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """cache_dir wins, then EDRV_AUTH_CACHE_DIR, then $XDG_CACHE_HOME/edrv_auth."""
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET, cache_dir=tmp_path / "a")._cache.directory == (
+        tmp_path / "a"
+    )
+    monkeypatch.setenv("EDRV_AUTH_CACHE_DIR", str(tmp_path / "b"))
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == tmp_path / "b"
+    monkeypatch.delenv("EDRV_AUTH_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == tmp_path / "xdg" / "edrv_auth"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == (
+        tmp_path / "home" / ".cache" / "edrv_auth"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "expected"),
+    [
+        ({}, {}, "EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (or EDRV_API_KEY)"),
+        ({"client_id": CLIENT_ID}, {}, "EDRV_CLIENT_SECRET is missing"),
+        ({}, {"EDRV_CLIENT_SECRET": CLIENT_SECRET}, "EDRV_CLIENT_ID is missing"),
+        (
+            {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "api_key": API_KEY},
+            {},
+            "not both",
+        ),
+        ({}, {"EDRV_API_KEY": API_KEY, "EDRV_CLIENT_ID": CLIENT_ID}, "not both"),
+    ],
+)
+def test_missing_or_conflicting_credentials_are_named(
+    monkeypatch: pytest.MonkeyPatch,
+    leak_watch: LeakWatch,
+    kwargs: dict[str, str],
+    env: dict[str, str],
+    expected: str,
+) -> None:
+    """Neither or both credential kinds raise EdrvAuthError naming the variables, no secret."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(EdrvAuthError) as caught:
+        EdrvAuth(**kwargs)
+    assert expected in str(caught.value)
+    assert leak_watch.leaks(str(caught.value), repr(caught.value)) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.edrv.io", "http://10.0.0.1:8080", "ftp://api.edrv.io", "api.edrv.io", ""],
+)
+def test_insecure_or_invalid_urls_are_refused(url: str) -> None:
+    """http:// is refused unless the host is loopback; non-http URLs are refused."""
+    with pytest.raises(EdrvAuthError, match="api_url"):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url=url or "not a url")
+    with pytest.raises(EdrvAuthError, match="token_url"):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, token_url=url or "not a url")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:9000", "https://x.example"]
+)
+def test_loopback_http_and_https_are_accepted(url: str) -> None:
+    """Plain http is fine on a loopback host, https anywhere."""
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url=url, token_url=url + "/oauth/token")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"refresh_margin": -1}, "refresh_margin"),
+        ({"refresh_margin": float("nan")}, "refresh_margin"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -5}, "timeout"),
+        ({"timeout": "10"}, "timeout"),
+    ],
+)
+def test_bad_numbers_are_refused(kwargs: dict[str, object], match: str) -> None:
+    """Negative or non-numeric margins and timeouts raise EdrvAuthError at construction."""
+    with pytest.raises(EdrvAuthError, match=match):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, **kwargs)  # type: ignore[arg-type]
+
+
+def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch) -> None:
+    """repr()/str() show the client id and API URL, never the secret or the key."""
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    assert CLIENT_ID in repr(auth)
+    assert "https://api.edrv.io" in str(auth)
+    keyed = EdrvAuth(api_key=API_KEY)
+    assert "api_key='***'" in repr(keyed)
+    assert leak_watch.leaks(repr(auth), str(auth), repr(keyed), str(keyed)) == []
+
+
+def test_token_values_hide_the_token() -> None:
+    """The internal token value never shows the token in its repr."""
+    token = edrv_auth._Token("test-token-value", 0.0, 10.0, "read:x")
+    assert "test-token-value" not in repr(token)
+    fresh = edrv_auth._Fresh(token, 5.0)
+    assert "test-token-value" not in repr(fresh)
+
+
+def test_errors_pickle_with_their_attributes() -> None:
+    """TokenRequestError survives pickling (a multiprocessing worker's error reaches its parent)."""
+    error = TokenRequestError("token request failed: HTTP 401", 401, "access_denied")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), copy.status_code, copy.error) == (
+        TokenRequestError,
+        "token request failed: HTTP 401",
+        401,
+        "access_denied",
+    )
+    plain = pickle.loads(pickle.dumps(EdrvAuthError("no eDRV credentials")))
+    assert str(plain) == "no eDRV credentials"
+
+
+def test_auth_pickles_without_runtime_state(clean_env: Path) -> None:
+    """EdrvAuth pickles (locks dropped) and the copy is a working, independent object."""
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, cache_dir=clean_env)
+    auth._rt()  # create the runtime with its locks
+    copy = pickle.loads(pickle.dumps(auth))
+    assert copy._runtime is not auth._runtime
+    assert copy._cache.path == auth._cache.path
+    assert copy._current is None
+
+
+def test_redis_url_is_not_silently_ignored() -> None:
+    """Until the Redis cache exists, asking for it fails loudly instead of doing nothing."""
+    with pytest.raises(EdrvAuthError, match="redis"):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, redis_url="redis://127.0.0.1:6379/0")
