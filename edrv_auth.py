@@ -340,22 +340,19 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 
         Per-request state lives in this closure (HTTPDigestAuth keeps it in a
         thread-local). requests copies hooks onto redirected requests, so the
-        hook may fire several times: it acts on the first 401 that our token
-        earned from the API's origin, and never again.
+        hook acts only on a 401 from the API's origin to a request that carried
+        this very token; the re-sent request carries another one, and its
+        response does not pass through hooks, so there is never a second retry.
         """
-        retried = False
 
         def hook(r: requests.Response, **kwargs: Any) -> requests.Response:
-            nonlocal retried
             request = r.request
             if (
-                retried
-                or not replayable
+                not replayable
                 or not self._should_retry(r.status_code, request.url or "")
                 or request.headers.get("Authorization") != f"Bearer {token}"
             ):
                 return r
-            retried = True
             try:
                 fresh = self._token(token)
             except BaseException:
@@ -657,12 +654,13 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 if not _never_connected(exc):
                     sent.append(obtained_at)
                 error = TokenRequestError(
-                    f"could not reach the token endpoint {self._token_url}: {_describe(exc)}"
+                    f"could not reach the token endpoint {self._token_url}: {_describe(exc)} "
+                    f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})"
                 )
             else:
                 sent.append(obtained_at)
                 if 200 <= status < 300:
-                    return _parse_token(body, obtained_at, secrets)
+                    return _parse_token(body, headers, obtained_at, secrets)
                 error = _token_error(self._token_url, status, headers, body, secrets)
                 if status != 429 and status < 500:
                     raise error
@@ -960,14 +958,19 @@ def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Mes
             return exc.code, exc.headers, exc.read(_MAX_BODY)
 
 
-def _parse_token(body: bytes, obtained_at: float, secrets: tuple[str, ...]) -> _Token:
+def _parse_token(
+    body: bytes, headers: email.message.Message, obtained_at: float, secrets: tuple[str, ...]
+) -> _Token:
     """Turn a 2xx token response into a `_Token`, or raise `TokenRequestError`."""
     try:
         data = json.loads(body)
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise TokenRequestError("the token endpoint answered without a JSON object", None)
+        raise TokenRequestError(
+            f"the token endpoint answered {_content_type(headers)}, not a JSON token "
+            "(a proxy or gateway may have answered instead of eDRV)"
+        )
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not _TOKEN_CHARS.fullmatch(access_token):
         raise TokenRequestError("the token endpoint's answer has no usable access_token")
@@ -1013,10 +1016,14 @@ def _token_error(
     if description:
         message += f": {description}"
     if data is None and body:
-        message += f" (not JSON: {_clean(headers.get('Content-Type') or 'no content type', ())})"
+        message += f" (answered {_content_type(headers)}, not JSON: a proxy or gateway, not eDRV?)"
     if status in (400, 401, 403) and error in _CREDENTIAL_ERRORS:
         message += f" (check {_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET} and the audience)"
     return TokenRequestError(message, status, error)
+
+
+def _content_type(headers: email.message.Message) -> str:
+    return _clean(headers.get_content_type(), (), limit=64)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -1207,19 +1214,36 @@ def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m edrv_auth token|status|clear``; returns the exit status.
 
-    Exit status: 0 success, 1 an eDRV or cache error, 2 a usage or
-    configuration error.
+    Exit status: 0 success; 1 the token or the cache failed (a wrong secret,
+    eDRV unreachable, a stuck lock); 2 a usage or configuration error (no
+    credentials, a bad URL); 130 interrupted.
     """
     parser = argparse.ArgumentParser(
         prog="python -m edrv_auth",
         description="Get, inspect or clear the cached eDRV access token.",
-        epilog="Configuration comes from EDRV_CLIENT_ID, EDRV_CLIENT_SECRET (or EDRV_API_KEY) "
-        "and the other EDRV_* variables described in the README.",
+        epilog="Configuration comes from EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (or EDRV_API_KEY) "
+        "and the other EDRV_* variables described in the README. Exit status: 0 success, "
+        "1 the token request or the cache failed, 2 a usage or configuration error.",
     )
+    parser.add_argument("--version", action="version", version=f"edrv_auth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("token", help="print a valid access token (and nothing else)")
-    commands.add_parser("status", help="show the cache file, the token's lifetime and scope")
-    commands.add_parser("clear", help="remove the cached token")
+    commands.add_parser(
+        "token",
+        help="print a valid access token and nothing else",
+        description="Print a valid access token (fetching one if needed) and nothing else, "
+        'for use as curl -H "Authorization: Bearer $(python -m edrv_auth token)".',
+    )
+    commands.add_parser(
+        "status",
+        help="show the cache file and the token's age, lifetime and scope",
+        description="Show the cache file, when the cached token was obtained, how long it has "
+        "left and its scope. Never prints the token, and never requests one.",
+    )
+    commands.add_parser(
+        "clear",
+        help="remove the cached token",
+        description="Remove the cached token from disk; the next use requests a new one.",
+    )
     args = parser.parse_args(argv)
     try:
         auth = EdrvAuth()
@@ -1231,31 +1255,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(auth.get_token())
         elif args.command == "clear":
             auth.clear()
-            print(f"cleared {auth._cache.path}")
+            print("cleared the cached token" if auth._api_key is None else "API key mode: no cache")
         else:
-            _print_status(auth)
+            print(_status(auth))
     except EdrvAuthError as exc:
         print(f"edrv_auth: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): say nothing more, as the Python
+        # docs recommend, and keep the interpreter from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 
 
-def _print_status(auth: EdrvAuth) -> None:
+def _status(auth: EdrvAuth) -> str:
+    """What ``status`` prints: facts about the cache, never the token."""
     if auth._api_key is not None:
-        print("mode: API key (no token, no cache)")
-        return
+        return f"mode: API key (no token request, no cache)\napi url: {auth._api_url}"
+    now = _now()
     state = auth._cache.read()
-    print(f"cache file: {auth._cache.path}")
+    lines = [
+        f"cache file: {auth._cache.path}" + ("" if state else " (none usable)"),
+        f"client id: {auth._client_id}",
+        f"token url: {auth._token_url}",
+    ]
     token = state.token if state else None
     if token is None:
-        print("token: none cached")
-        return
-    now = _now()
-    obtained = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(token.obtained_at))
-    print(f"obtained: {obtained}")
-    remaining = token.expires_at - now
-    print(f"expires in: {remaining:.0f} s" if remaining > 0 else "expired")
-    print(f"scope: {token.scope or '(none)'}")
+        lines.append("token: none cached")
+    else:
+        obtained = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(token.obtained_at))
+        remaining = token.expires_at - now
+        refresh_in = token.refresh_at(auth._refresh_margin) - now
+        lines += [
+            f"obtained: {obtained} ({now - token.obtained_at:.0f} s ago)",
+            f"expires in: {remaining:.0f} s" if remaining > 0 else "expires in: expired",
+            f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {auth._refresh_margin:g} s)",
+            f"scope: {token.scope or '(none)'}",
+        ]
+    recent = state.recent(now) if state else ()
+    lines.append(
+        f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
+        f"(at most {_MAX_TOKEN_REQUESTS})"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
