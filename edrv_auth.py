@@ -1221,9 +1221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edrv_auth",
         description="Get, inspect or clear the cached eDRV access token.",
-        epilog="Configuration comes from EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (or EDRV_API_KEY) "
-        "and the other EDRV_* variables described in the README. Exit status: 0 success, "
-        "1 the token request or the cache failed, 2 a usage or configuration error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration:\n"
+        "  EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (or EDRV_API_KEY), and the other\n"
+        "  EDRV_* variables described in the README\n\n"
+        "exit status:\n"
+        "  0  success\n"
+        "  1  the token request or the cache failed (wrong secret, eDRV unreachable)\n"
+        "  2  usage or configuration error (no credentials, a bad URL)",
     )
     parser.add_argument("--version", action="version", version=f"edrv_auth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

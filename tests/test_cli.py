@@ -1,0 +1,162 @@
+"""The command line: `python -m edrv_auth token | status | clear`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, CLIENT_ID, LeakWatch
+from fake_edrv import FakeEdrv
+
+import edrv_auth
+
+MODULE_DIR = Path(edrv_auth.__file__).resolve().parent
+if MODULE_DIR.name == "edrv_auth":  # the installed package, not the checkout's file
+    MODULE_DIR = MODULE_DIR.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m edrv_auth ...` in a real process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "edrv_auth", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=MODULE_DIR,
+        env=env if env is not None else dict(os.environ),
+        check=False,
+    )
+
+
+def test_token_prints_only_the_token(fake_env: FakeEdrv, leak_watch: LeakWatch) -> None:
+    """`token` prints the token and a newline, nothing else, and exits 0."""
+    result = run_cli("token")
+    assert (result.returncode, result.stderr) == (0, "")
+    token = result.stdout.removesuffix("\n")
+    assert token in fake_env.issued_tokens
+    assert fake_env.token_requests == 1
+    # The printed token works against the API.
+    assert run_cli("token").stdout == result.stdout
+    assert fake_env.token_requests == 1
+
+
+def test_status_shows_the_cache_but_never_the_token(
+    fake_env: FakeEdrv, capsys: pytest.CaptureFixture[str], clean_env: Path
+) -> None:
+    """`status` shows the file, lifetime and scope, and neither prints nor requests a token."""
+    assert edrv_auth.main(["status"]) == 0
+    cold = capsys.readouterr().out
+    assert "token: none cached" in cold
+    assert fake_env.token_requests == 0
+    token = edrv_auth.EdrvAuth().get_token()
+    assert edrv_auth.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert str(clean_env) in out
+    assert "expires in: 86" in out  # 86400 s minus a moment
+    assert "scope: read:chargestations write:sessions" in out
+    assert token not in out
+    assert fake_env.token_requests == 1
+
+
+def test_clear_removes_the_token(
+    fake_env: FakeEdrv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clear` forgets the token: the next `token` requests a new one."""
+    auth = edrv_auth.EdrvAuth()
+    auth.get_token()
+    assert edrv_auth.main(["clear"]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert edrv_auth.main(["token"]) == 0
+    assert fake_env.token_requests == 2
+
+
+def test_api_key_mode(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """In API-key mode `token` prints the key (what curl needs) and `status` says the mode."""
+    monkeypatch.setenv("EDRV_API_KEY", API_KEY)
+    assert edrv_auth.main(["token"]) == 0
+    assert capsys.readouterr().out == API_KEY + "\n"
+    assert edrv_auth.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "API key" in out
+    assert API_KEY not in out
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "expected"),
+    [
+        ("no-credentials", 2, "no eDRV credentials: set EDRV_CLIENT_ID and EDRV_CLIENT_SECRET"),
+        ("wrong-secret", 1, "HTTP 401 access_denied"),
+        ("endpoint-down", 1, "could not reach the token endpoint"),
+        ("proxy-html", 1, "a proxy or gateway"),
+        ("insecure-url", 2, "must use https"),
+    ],
+)
+def test_expected_failures_are_one_line_without_traceback(
+    fake: FakeEdrv, clean_env: Path, leak_watch: LeakWatch, setup: str, code: int, expected: str
+) -> None:
+    """Each expected failure: the documented exit code, one stderr line, no traceback, no secret."""
+    from conftest import CLIENT_SECRET
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDRV_")}
+    env.update(
+        EDRV_CLIENT_ID=CLIENT_ID,
+        EDRV_CLIENT_SECRET=CLIENT_SECRET,
+        EDRV_TOKEN_URL=fake.token_url,
+        EDRV_API_URL=fake.url,
+        EDRV_AUTH_CACHE_DIR=str(clean_env),
+    )
+    if setup == "no-credentials":
+        del env["EDRV_CLIENT_ID"], env["EDRV_CLIENT_SECRET"]
+    elif setup == "wrong-secret":
+        env["EDRV_CLIENT_SECRET"] = "test-wrong-secret"
+    elif setup == "endpoint-down":
+        env["EDRV_TOKEN_URL"] = "http://127.0.0.1:9/oauth/token"  # discard port: refused
+    elif setup == "proxy-html":
+        fake.queue_token_response(200, f"<html>proxy login {CLIENT_SECRET}</html>")
+    elif setup == "insecure-url":
+        env["EDRV_TOKEN_URL"] = "http://auth.example/oauth/token"
+    result = run_cli("token", env=env)
+    assert result.returncode == code
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("edrv_auth: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert leak_watch.leaks(result.stderr, "test-wrong-secret") == []
+
+
+def test_help_for_each_command() -> None:
+    """`--help` works for the program and each command, and documents the exit codes."""
+    main_help = run_cli("--help")
+    assert main_help.returncode == 0
+    assert "exit status:" in main_help.stdout
+    for command in ("token", "status", "clear"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert f"python -m edrv_auth {command}" in result.stdout
+
+
+def test_usage_error_exits_2() -> None:
+    """An unknown command is a usage error (exit 2), not a crash."""
+    result = run_cli("bogus")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
+    """`status | head -1` ends without a BrokenPipeError traceback."""
+    result = subprocess.run(
+        f"{sys.executable} -m edrv_auth status | head -1",
+        shell=True,  # noqa: S602 - a fixed command line, to get a real pipe
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=MODULE_DIR,
+        check=False,
+    )
+    assert result.stdout.startswith("cache file: ")
+    assert "Traceback" not in result.stderr
