@@ -660,7 +660,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             else:
                 sent.append(obtained_at)
                 if 200 <= status < 300:
-                    return _parse_token(body, headers, obtained_at, secrets)
+                    return _parse_token(status, headers, body, obtained_at, secrets)
                 error = _token_error(self._token_url, status, headers, body, secrets)
                 if status != 429 and status < 500:
                     raise error
@@ -959,7 +959,11 @@ def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Mes
 
 
 def _parse_token(
-    body: bytes, headers: email.message.Message, obtained_at: float, secrets: tuple[str, ...]
+    status: int,
+    headers: email.message.Message,
+    body: bytes,
+    obtained_at: float,
+    secrets: tuple[str, ...],
 ) -> _Token:
     """Turn a 2xx token response into a `_Token`, or raise `TokenRequestError`."""
     try:
@@ -969,20 +973,23 @@ def _parse_token(
     if not isinstance(data, dict):
         raise TokenRequestError(
             f"the token endpoint answered {_content_type(headers)}, not a JSON token "
-            "(a proxy or gateway may have answered instead of eDRV)"
+            "(a proxy or gateway may have answered instead of eDRV)",
+            status,
         )
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not _TOKEN_CHARS.fullmatch(access_token):
-        raise TokenRequestError("the token endpoint's answer has no usable access_token")
+        raise TokenRequestError("the token endpoint's answer has no usable access_token", status)
     token_type = data.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise TokenRequestError(
-            f"the token endpoint issued a {_clean(str(token_type), secrets)!r} token, not Bearer"
+            f"the token endpoint issued a {_clean(str(token_type), secrets)!r} token, not Bearer",
+            status,
         )
     expires_in = data.get("expires_in", _DEFAULT_EXPIRES_IN)
     if not _is_number(expires_in) or expires_in <= 0:
         raise TokenRequestError(
-            "the token endpoint's answer has an invalid expires_in (not a positive number)"
+            "the token endpoint's answer has an invalid expires_in (not a positive number)",
+            status,
         )
     scope = data.get("scope")
     lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
@@ -1031,7 +1038,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value):  # str.isdigit() also accepts "²"
         return float(value)
     with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
         moment = email.utils.parsedate_to_datetime(value)

@@ -61,9 +61,7 @@ def test_status_shows_the_cache_but_never_the_token(
     assert fake_env.token_requests == 1
 
 
-def test_clear_removes_the_token(
-    fake_env: FakeEdrv, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_clear_removes_the_token(fake_env: FakeEdrv, capsys: pytest.CaptureFixture[str]) -> None:
     """`clear` forgets the token: the next `token` requests a new one."""
     auth = edrv_auth.EdrvAuth()
     auth.get_token()
@@ -150,8 +148,7 @@ def test_usage_error_exits_2() -> None:
 def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
     """`status | head -1` ends without a BrokenPipeError traceback."""
     result = subprocess.run(
-        f"{sys.executable} -m edrv_auth status | head -1",
-        shell=True,  # noqa: S602 - a fixed command line, to get a real pipe
+        ["bash", "-c", f"{sys.executable} -m edrv_auth status | head -1"],  # a real pipe
         capture_output=True,
         text=True,
         timeout=30,

@@ -194,6 +194,18 @@ def test_long_retry_after_is_not_waited_for(
     assert no_sleep == []
 
 
+def test_garbage_retry_after_is_ignored(
+    make_auth: MakeAuth, fake: FakeEdrv, no_sleep: list[float]
+) -> None:
+    """A 503 with a garbage Retry-After ('\u00b2') falls back to normal backoff, then succeeds."""
+    fake.queue_token_response(503, {"error": "temporarily_unavailable"}, {"Retry-After": "\u00b2"})
+    token = make_auth().get_token()
+    assert token in fake.issued_tokens
+    assert fake.token_requests == 2
+    assert len(no_sleep) == 1
+    assert 0 < no_sleep[0] <= 1.0
+
+
 # ---- 200 answers that are not a usable token --------------------------------
 
 
@@ -213,6 +225,8 @@ _GOOD: dict[str, Any] = {"access_token": "fake-token-canned-ok", "token_type": "
         {**_GOOD, "expires_in": -60},
         {**_GOOD, "expires_in": "3600"},
         {**_GOOD, "expires_in": True},
+        b'{"access_token": "fake-token-canned-ok", "expires_in": NaN}',
+        b'{"access_token": "fake-token-canned-ok", "expires_in": Infinity}',
         {**_GOOD, "expires_in": 3600, "token_type": "mac"},
     ],
     ids=[
@@ -226,6 +240,8 @@ _GOOD: dict[str, Any] = {"access_token": "fake-token-canned-ok", "token_type": "
         "expires-negative",
         "expires-string",
         "expires-bool",
+        "expires-nan",
+        "expires-infinity",
         "token-type-mac",
     ],
 )
@@ -234,7 +250,7 @@ def test_unusable_200_is_an_error(
     fake: FakeEdrv,
     leak_watch: LeakWatch,
     no_sleep: list[float],
-    body: str | dict[str, Any],
+    body: bytes | str | dict[str, Any],
 ) -> None:
     """A 200 without a usable Bearer token or positive expires_in raises and caches nothing."""
     leak_watch.secrets.update({"fake-token-canned-ok", "fake-token with-space"})
@@ -265,6 +281,15 @@ def test_expires_in_default_and_clamp(
     assert auth.get_token() == "fake-token-canned-ok"
     assert fake.token_requests == 1
     assert _cached_lifetime(auth) == lifetime
+
+
+def test_unusable_200_reports_its_status(
+    make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch
+) -> None:
+    """A TokenRequestError for an unusable 200 answer carries status_code 200, not None."""
+    fake.queue_token_response(200, {"token_type": "Bearer", "expires_in": 3600})
+    exc = _fails(make_auth(), leak_watch)
+    assert exc.status_code == 200
 
 
 # ---- what error messages may contain ----------------------------------------
@@ -337,18 +362,26 @@ def test_storm_cap_on_failing_token_requests(
     assert fake.token_requests == 6
 
 
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
 def test_redirect_from_token_endpoint_is_not_followed(
-    make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch
+    make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch, code: int
 ) -> None:
-    """A 307 from the token endpoint is an error: the form (with the secret) goes nowhere else."""
+    """A 3xx from the token endpoint is an error, and the other server it names gets nothing."""
     other = FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
     try:
-        fake.queue_token_response(307, b"", {"Location": other.token_url})
+        # 307/308 would re-POST the form (secret included) to the target; urllib turns
+        # 301-303 into a GET, which the fake counts only on its API paths.
+        target = other.token_url if code in (307, 308) else other.url + "/v1.1/redirected"
+        fake.queue_token_response(code, b"", {"Location": target})
         exc = _fails(make_auth(), leak_watch)
-        assert exc.status_code == 307
+        assert exc.status_code == code
         assert fake.token_requests == 1
-        assert other.token_requests == 0
-        assert other.token_forms == []
+        assert other.counts() == {
+            "token_requests": 0,
+            "tokens_issued": 0,
+            "api_requests": 0,
+            "api_401s": 0,
+        }
     finally:
         other.stop()
         leak_watch.secrets.update(other.issued_tokens)
