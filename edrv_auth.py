@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import email.message
 import email.utils
+import functools
 import hashlib
 import http.client
 import json
@@ -287,10 +288,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """
         if self._api_key is not None:
             return self._api_key
-        current = self._current
-        if current is not None and _now() < current.refresh_at:
-            return current.access_token
-        return self._token(None)
+        return self._usable(self._current, None) or self._token(None)
 
     async def aget_token(self) -> str:
         """Like :meth:`get_token`, without blocking the event loop.
@@ -325,56 +323,63 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     # -- requests adapter ----------------------------------------------------
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        """Authenticate a requests ``PreparedRequest`` (the requests path)."""
+        """Authenticate a requests ``PreparedRequest`` (the requests path).
+
+        Note:
+            A body that cannot be replayed (a generator, a non-seekable stream)
+            gets no retry hook: on a 401 the caller receives the 401.
+        """
         self._check_origin(r.url or "")
-        token = self.get_token()
-        r.headers["Authorization"] = f"Bearer {token}"
+        r.headers["Authorization"] = self._fresh_header() or f"Bearer {self.get_token()}"
         if self._api_key is None:
-            r.hooks["response"].append(self._retry_hook(token, *_body_position(r.body)))
+            body: object = r.body  # typed bytes | str | None, but files and generators occur
+            if body is None or isinstance(body, (bytes, str)):
+                r.hooks["response"].append(self._retry_on_401)
+            else:
+                position = _tell(body)
+                if position is not None:
+                    hook = functools.partial(self._retry_on_401, rewind_to=position)
+                    r.hooks["response"].append(hook)
         return r
 
-    def _retry_hook(
-        self, token: str, replayable: bool, position: int | None
-    ) -> Callable[..., requests.Response]:
-        """Build the response hook that re-sends one request once on a 401.
+    def _retry_on_401(
+        self, r: requests.Response, rewind_to: int | None = None, **kwargs: Any
+    ) -> requests.Response:
+        """The requests response hook: re-send a request once on a 401.
 
-        Per-request state lives in this closure (HTTPDigestAuth keeps it in a
-        thread-local). requests copies hooks onto redirected requests, so the
-        hook acts only on a 401 from the API's origin to a request that carried
-        this very token; the re-sent request carries another one, and its
-        response does not pass through hooks, so there is never a second retry.
+        It follows HTTPDigestAuth: rewind the body, drain and release the
+        connection, re-send a copy over the same adapter, and keep the 401 in
+        the new response's history. requests also runs this hook for responses
+        to redirected copies of the request, so the decision is made on the
+        request that the response answers, and the token to replace is the one
+        that request carried. The re-sent request bypasses hooks, so there is
+        never a second retry.
         """
-
-        def hook(r: requests.Response, **kwargs: Any) -> requests.Response:
-            request = r.request
-            if (
-                not replayable
-                or not self._should_retry(r.status_code, request.url or "")
-                or request.headers.get("Authorization") != f"Bearer {token}"
-            ):
-                return r
-            try:
-                fresh = self._token(token)
-            except BaseException:
-                r.close()
-                raise
-            if fresh == token:
-                return r  # the rate cap kept this token: a resend would fail alike
-            if position is not None:
-                request.body.seek(position)  # type: ignore[union-attr]
-            # As HTTPDigestAuth does: drain and release the connection, re-send a
-            # copy over the same adapter, and keep the 401 in the history.
-            r.content  # noqa: B018 - reading the body frees the connection
+        if r.status_code != 401:
+            return r
+        request = r.request
+        sent = request.headers.get("Authorization") or ""
+        if not sent.startswith("Bearer ") or not self._should_retry(401, request.url or ""):
+            return r
+        stale = sent.removeprefix("Bearer ")
+        try:
+            fresh = self._token(stale)
+        except BaseException:
             r.close()
-            prepared = request.copy()
-            _copy_cookies(prepared, r)
-            prepared.headers["Authorization"] = f"Bearer {fresh}"
-            second: requests.Response = r.connection.send(prepared, **kwargs)
-            second.history.append(r)
-            second.request = prepared
-            return second
-
-        return hook
+            raise
+        if fresh == stale:
+            return r  # the rate cap kept this token: a resend would fail alike
+        if rewind_to is not None:
+            request.body.seek(rewind_to)  # type: ignore[union-attr]
+        r.content  # noqa: B018 - reading the body frees the connection
+        r.close()
+        prepared = request.copy()
+        _copy_cookies(prepared, r)
+        prepared.headers["Authorization"] = f"Bearer {fresh}"
+        second: requests.Response = r.connection.send(prepared, **kwargs)
+        second.history.append(r)
+        second.request = prepared
+        return second
 
     # -- httpx adapters ------------------------------------------------------
 
@@ -383,10 +388,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         """Authenticate an ``httpx.Client`` request, re-sending it once on a 401."""
         self._check_httpx_origin(request)
-        token = self.get_token()
-        request.headers["Authorization"] = f"Bearer {token}"
+        header = self._fresh_header() or f"Bearer {self.get_token()}"
+        request.headers["Authorization"] = header
         response = yield request
         if self._should_retry_httpx(request, response):
+            token = header.removeprefix("Bearer ")
             fresh = self._token(token)
             if fresh != token:
                 request.headers["Authorization"] = f"Bearer {fresh}"
@@ -397,10 +403,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         """Authenticate an ``httpx.AsyncClient`` request without blocking the loop."""
         self._check_httpx_origin(request)
-        token = await self.aget_token()
-        request.headers["Authorization"] = f"Bearer {token}"
+        header = self._fresh_header() or f"Bearer {await self.aget_token()}"
+        request.headers["Authorization"] = header
         response = yield request
         if self._should_retry_httpx(request, response):
+            token = header.removeprefix("Bearer ")
             fresh = await self._atoken(token)
             if fresh != token:
                 request.headers["Authorization"] = f"Bearer {fresh}"
@@ -422,6 +429,16 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         )
 
     # -- The one retry policy, and the origin guard --------------------------
+
+    def _fresh_header(self) -> str | None:
+        """The ``Authorization`` value if a fresh token is in memory: the hot path.
+
+        One attribute read, one clock read and one comparison; no lock, no file.
+        """
+        current = self._current
+        if current is not None and _now() < current.refresh_at:
+            return current.header
+        return None
 
     def _should_retry(self, status_code: int, url: str) -> bool:
         """Whether a response earns one more try with a fresh token.
@@ -526,7 +543,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """Publish ``token`` for the hot path if it is usable and not ``stale``."""
         if token is None:
             return None
-        fresh = _Fresh(token, token.refresh_at(self._refresh_margin))
+        fresh = _Fresh(
+            token, token.refresh_at(self._refresh_margin), f"Bearer {token.access_token}"
+        )
         found = self._usable(fresh, stale)
         if found is not None:
             self._current = fresh  # one assignment: readers need no lock
@@ -737,10 +756,11 @@ class _Token:
 
 @dataclass(frozen=True)
 class _Fresh:
-    """What the hot path reads: a token and when it stops being usable."""
+    """What the hot path reads: a token, its header, and when it stops being usable."""
 
     token: _Token
     refresh_at: float
+    header: str
 
     @property
     def access_token(self) -> str:
@@ -1138,23 +1158,18 @@ def _safe_port(parts: urllib.parse.SplitResult) -> int | None:
         return None
 
 
-def _body_position(body: object) -> tuple[bool, int | None]:
-    """Whether a requests body can be sent again, and where to rewind it to.
+def _tell(body: object) -> int | None:
+    """Where to rewind a file-like requests body for a replay, or ``None`` if it cannot be.
 
-    Bytes, str and no body replay as they are; a seekable file replays from the
-    position it had before the first send; anything else (a generator, a
-    non-seekable stream) cannot be replayed.
+    A generator or a non-seekable stream has no position: it cannot be replayed.
     """
-    if body is None or isinstance(body, (bytes, str)):
-        return True, None
-    if hasattr(body, "seek") and hasattr(body, "tell"):
-        try:
-            position = body.tell()
-        except (OSError, ValueError):
-            return False, None
-        if isinstance(position, int):
-            return True, position
-    return False, None
+    if not hasattr(body, "seek") or not hasattr(body, "tell"):
+        return None
+    try:
+        position = body.tell()
+    except (OSError, ValueError):
+        return None
+    return position if isinstance(position, int) else None
 
 
 def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Response) -> None:

@@ -198,7 +198,7 @@ def test_token_values_hide_the_token() -> None:
     """The internal token value never shows the token in its repr."""
     token = edrv_auth._Token("test-token-value", 0.0, 10.0, "read:x")
     assert "test-token-value" not in repr(token)
-    fresh = edrv_auth._Fresh(token, 5.0)
+    fresh = edrv_auth._Fresh(token, 5.0, "Bearer test-token-value")
     assert "test-token-value" not in repr(fresh)
 
 
