@@ -419,13 +419,20 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             self._refuse_origin(str(url))
 
     def _should_retry_httpx(self, request: httpx.Request, response: httpx.Response) -> bool:
-        # httpx hands the flow the response after redirects; decide on the
-        # request that response really answers, and replay only bodies that
-        # were fully in memory (a generator or file stream cannot be re-sent).
-        import httpx
+        """Whether an httpx response earns one resend (see `_should_retry`).
 
-        return isinstance(request.stream, httpx.ByteStream) and self._should_retry(
-            response.status_code, str(response.request.url)
+        httpx hands the flow the response that ends a redirect chain, so the
+        decision is made on the request that response answers: it must be for
+        the API's origin and still carry our header (a detour through another
+        origin strips it, and a fresh token would not help). Only bodies that
+        httpx can produce again are replayed.
+        """
+        answered = response.request
+        return (
+            response.status_code == 401
+            and answered.headers.get("Authorization") == request.headers.get("Authorization")
+            and self._should_retry(401, str(answered.url))
+            and _replayable_httpx_stream(request.stream)
         )
 
     # -- The one retry policy, and the origin guard --------------------------
@@ -1170,6 +1177,35 @@ def _tell(body: object) -> int | None:
     except (OSError, ValueError):
         return None
     return position if isinstance(position, int) else None
+
+
+def _replayable_httpx_stream(stream: object) -> bool:
+    """Whether httpx can send a request body again, identical.
+
+    In-memory content is a ``ByteStream``. A multipart body re-renders on every
+    iteration and rewinds its files itself, so it replays when each file is in
+    memory or seekable. Generators and other streams are sent once only.
+    """
+    import httpx
+
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    try:
+        from httpx._multipart import MultipartStream  # Breakpoint: private, may move
+    except ImportError:  # pragma: no cover - depends on the httpx version
+        return False
+    if not isinstance(stream, MultipartStream):
+        return False
+    files = [getattr(field, "file", b"") for field in stream.fields]
+    return all(isinstance(f, (bytes, str)) or _seekable(f) for f in files)
+
+
+def _seekable(file: object) -> bool:
+    seekable = getattr(file, "seekable", None)
+    try:
+        return bool(seekable()) if callable(seekable) else False
+    except (OSError, ValueError):
+        return False
 
 
 def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Response) -> None:

@@ -8,8 +8,11 @@ origin pinning across redirects, API-key mode, and an event loop that never bloc
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -175,6 +178,38 @@ def test_sync_401_resends_a_bytes_body_once_with_a_fresh_token(
     assert fake.api_auth_headers == [f"Bearer {old}", f"Bearer {new}"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"json": {"station": "A1", "power": 22}}, id="json"),
+        pytest.param({"data": {"station": "A1"}}, id="form"),
+        pytest.param(
+            {"files": {"upload": ("log.txt", b"in-memory bytes")}},
+            id="multipart-bytes",
+        ),
+        pytest.param(
+            {"files": {"upload": ("log.txt", io.BytesIO(b"a seekable file"))}},
+            id="multipart-seekable-file",
+        ),
+    ],
+)
+def test_sync_401_resends_other_in_memory_bodies_once(
+    fake: FakeEdrv, client: httpx.Client, body: dict[str, object]
+) -> None:
+    """json=, data= and multipart bodies held in memory are replayable: 401, then one resend."""
+    client.get(f"{fake.url}/v1.1/warm")
+    fake.expire_all()
+    fake.reset_counters()
+
+    response = client.post(f"{fake.url}/v1.1/sessions", **body)  # type: ignore[arg-type]
+
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+    assert fake.token_requests == 1
+    assert len(fake.api_bodies) == 2
+    assert fake.api_bodies[0] == fake.api_bodies[1] != b""
+
+
 def test_sync_401_that_a_fresh_token_does_not_cure_is_returned_after_one_resend(
     fake: FakeEdrv, client: httpx.Client
 ) -> None:
@@ -204,6 +239,34 @@ def test_sync_generator_body_is_not_replayed(fake: FakeEdrv, client: httpx.Clien
     assert response.history == []
     assert fake.api_bodies == [body]
     assert fake.api_requests == 1
+
+
+class _ReadOnlyFile:
+    """A file-like object that can be read once and not rewound (a pipe, a socket)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self, size: int = -1) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
+def test_sync_multipart_with_unseekable_file_is_not_replayed(
+    fake: FakeEdrv, client: httpx.Client
+) -> None:
+    """A multipart upload whose file cannot be rewound is sent once; the caller gets the 401."""
+    client.get(f"{fake.url}/v1.1/warm")
+    fake.expire_all()
+    fake.reset_counters()
+    files = {"upload": ("log.txt", _ReadOnlyFile(b"read-once"))}
+
+    response = client.post(f"{fake.url}/v1.1/upload", files=files)  # type: ignore[dict-item]
+
+    assert response.status_code == 401
+    assert response.history == []
+    assert fake.api_requests == 1
+    assert b"read-once" in fake.api_bodies[0]
 
 
 def test_sync_16_threads_rejected_with_one_token_make_one_token_request(
@@ -247,8 +310,11 @@ def test_sync_request_to_another_origin_is_refused_before_sending(
     fake: FakeEdrv, other: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch, mode: str
 ) -> None:
     """A request to another origin raises EdrvAuthError; neither server receives anything."""
-    auth = make_auth() if mode == "token" else make_auth(client_id=None, client_secret=None,
-                                                          api_key=API_KEY)
+    auth = (
+        make_auth()
+        if mode == "token"
+        else make_auth(client_id=None, client_secret=None, api_key=API_KEY)
+    )
     with httpx.Client(auth=auth, timeout=10) as client, pytest.raises(EdrvAuthError) as caught:
         client.get(f"{other.url}/v1.1/x")
     assert other.counts() == COUNTS_ZERO
@@ -306,6 +372,29 @@ def test_sync_redirect_to_another_origin_never_carries_the_token(
     assert other.api_auth_headers == [None]
     assert other.token_requests == 0
     assert fake.token_requests == 1  # the one for the first hop; the foreign 401 adds none
+
+
+def _bounce_url(fake: FakeEdrv, other: FakeEdrv) -> str:
+    """API origin -> other origin -> back to the API: httpx drops the token on the way out."""
+    back = f"{fake.url}/v1.1/bounced"
+    via = f"{other.url}/redirect?to={urllib.parse.quote(back, safe='')}"
+    return f"{fake.url}/redirect?to={urllib.parse.quote(via, safe='')}"
+
+
+def test_sync_401_to_a_request_that_lost_the_token_in_a_redirect_is_not_retried(
+    fake: FakeEdrv, other: FakeEdrv, client: httpx.Client
+) -> None:
+    """A 401 to a request that came back from another origin without the token costs no token."""
+    client.get(f"{fake.url}/v1.1/warm")
+    token = _auth_of(client).get_token()
+    fake.reset_counters()
+
+    response = client.get(_bounce_url(fake, other), follow_redirects=True)
+
+    assert response.status_code == 401
+    assert fake.api_auth_headers == [None]  # it arrived without the token: not our 401
+    assert fake.token_requests == 0
+    assert _auth_of(client).get_token() == token  # the valid token is kept
 
 
 def test_sync_api_key_mode_sends_the_key_and_never_requests_a_token(
@@ -529,6 +618,21 @@ async def test_async_redirects_keep_the_token_on_the_origin_only(
 
 
 @pytest.mark.anyio
+async def test_async_401_to_a_request_that_lost_the_token_in_a_redirect_is_not_retried(
+    fake: FakeEdrv, other: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """Async: a 401 to a request that came back without the token costs no token request."""
+    auth = make_auth()
+    token = await auth.aget_token()
+    async with httpx.AsyncClient(auth=auth, timeout=10, follow_redirects=True) as client:
+        response = await client.get(_bounce_url(fake, other))
+    assert response.status_code == 401
+    assert fake.api_auth_headers == [None]
+    assert fake.token_requests == 1
+    assert auth.get_token() == token
+
+
+@pytest.mark.anyio
 async def test_async_api_key_mode_sends_the_key_and_never_retries(
     fake: FakeEdrv, make_auth: MakeAuth, clean_env: Path, leak_watch: LeakWatch
 ) -> None:
@@ -553,9 +657,15 @@ async def test_async_api_key_mode_sends_the_key_and_never_retries(
 async def test_async_slow_token_request_does_not_block_the_event_loop(
     fake: FakeEdrv, make_auth: MakeAuth, anyio_backend: str
 ) -> None:
-    """While a 0.5 s token request serves 100 tasks, a 10 ms heartbeat never lags 50 ms."""
+    """While a 0.5 s token request serves 100 tasks, a 10 ms heartbeat keeps ticking on time.
+
+    Over the token request itself (the part edrv_auth controls) no tick is late by 40 ms; over
+    the whole run, which includes httpx opening 100 connections at once, none by 240 ms, so a
+    token fetch or lock wait on the loop (>= 500 ms here) would fail either bound.
+    """
     fake.token_delay = 0.5
     ticks: list[float] = []
+    first_send: list[float] = []
     done = anyio.Event()
 
     async def heartbeat() -> None:
@@ -564,20 +674,33 @@ async def test_async_slow_token_request_does_not_block_the_event_loop(
             await anyio.sleep(0.01)
             ticks.append(time.perf_counter())
 
+    async def mark_first_send(request: httpx.Request) -> None:
+        # Request hooks run once the auth flow has set the header, so after the token came.
+        if not first_send:
+            first_send.append(time.perf_counter())
+
     async with (
-        httpx.AsyncClient(auth=make_auth(), timeout=10) as client,
+        httpx.AsyncClient(
+            auth=make_auth(), timeout=10, event_hooks={"request": [mark_first_send]}
+        ) as client,
         anyio.create_task_group() as group,
     ):
         group.start_soon(heartbeat)
         statuses = await _gather(100, lambda: client.get(f"{fake.url}/v1.1/x"))
         done.set()
 
-    max_gap = max(b - a for a, b in zip(ticks, ticks[1:]))
-    print(f"\n[{anyio_backend}] heartbeat max gap {max_gap * 1000:.1f} ms over {len(ticks)} ticks")
+    intervals = list(itertools.pairwise(ticks))
+    while_fetching = [b - a for a, b in intervals if b <= first_send[0]]
+    max_fetching, max_overall = max(while_fetching), max(b - a for a, b in intervals)
+    print(
+        f"\n[{anyio_backend}] heartbeat max gap: {max_fetching * 1000:.1f} ms while the token "
+        f"was fetched ({len(while_fetching)} ticks), {max_overall * 1000:.1f} ms overall"
+    )
     assert statuses == [200] * 100
     assert fake.token_requests == 1
-    assert ticks[-1] - ticks[0] >= 0.5  # the heartbeat ran across the whole token request
-    assert max_gap < 0.05
+    assert sum(while_fetching) >= 0.4  # the heartbeat ticked across the token request
+    assert max_fetching < 0.05
+    assert max_overall < 0.25
 
 
 @pytest.mark.anyio
@@ -611,7 +734,7 @@ async def test_async_cancelled_leader_leaves_no_waiter_hanging(
                 await anyio.sleep(0.05)  # the waiters join the in-flight job
                 leader_scope.cancel()
 
-    assert leader_scope.cancel_called
+    assert leader_scope.cancelled_caught  # the leader really was cancelled mid-request
     assert statuses == [200] * 5
     assert fake.token_requests == 1
     assert tokens == [auth.get_token()] * 5
@@ -687,8 +810,10 @@ def test_asyncio_task_cancel_of_the_leader_leaves_no_waiter_hanging(
         waiters = [asyncio.create_task(auth.aget_token()) for _ in range(5)]
         await asyncio.sleep(0.05)
         leader.cancel()
-        async with asyncio.timeout(10):
-            return await asyncio.gather(*waiters)
+        tokens = await asyncio.wait_for(asyncio.gather(*waiters), timeout=10)
+        await asyncio.gather(leader, return_exceptions=True)
+        assert leader.cancelled()
+        return tokens
 
     tokens = asyncio.run(main())
     assert tokens == [auth.get_token()] * 5
