@@ -310,15 +310,17 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             return
         self._current = None
         runtime = self._rt()
-        runtime.state = _State(None, runtime.state.requests)
+        runtime.state = runtime.state.without_token()
         if not os.path.lexists(self._cache.path):
             return
         deadline = time.monotonic() + _LOCK_TIMEOUT
         with self._thread_lock(runtime, deadline), self._cache_lock(runtime, deadline) as locked:
             if locked:
-                recent = self._read_state(runtime).recent(_now())
-                runtime.state = _State(None, recent)
-                self._cache.remove() if not recent else self._write_state(runtime, runtime.state)
+                runtime.state = self._read_state(runtime).without_token()
+                if runtime.state.window(_now()):
+                    self._write_state(runtime, runtime.state)
+                else:
+                    self._cache.remove()
 
     # -- requests adapter ----------------------------------------------------
 
@@ -510,33 +512,31 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     def _refresh(self, runtime: _Runtime, state: _State, stale: str | None, *, save: bool) -> str:
         """Request a new token within the shared rate cap; record and save it."""
         now = _now()
-        recent = state.recent(now)
-        budget = _MAX_TOKEN_REQUESTS - len(recent)
-        if budget <= 0:
-            return self._past_the_cap(state, recent, now)
+        window = state.window(now)
+        if len(window) >= _MAX_TOKEN_REQUESTS:
+            return self._past_the_cap(state, window, now)
         if stale is not None:
             _log.debug("the API rejected the current token; requesting a new one")
         sent: list[float] = []
-        # A token the API rejected is dropped even if no new one comes.
-        kept = state.token if state.token and state.token.access_token != stale else None
+        token: _Token | None = None
         try:
-            kept = self._request_token(min(budget, _MAX_ATTEMPTS), sent)
+            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), _MAX_ATTEMPTS), sent)
         finally:
-            runtime.state = _State(kept, recent + tuple(sent))
+            runtime.state = state.after_request(token, stale, sent, now)
             if save:
                 self._write_state(runtime, runtime.state)
-        self._adopt(kept, None)
-        return kept.access_token
+        self._adopt(token, None)
+        return token.access_token
 
-    def _past_the_cap(self, state: _State, recent: tuple[float, ...], now: float) -> str:
+    def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> str:
         held = [state.token, self._current.token if self._current else None]
         for token in held:
             if token is not None and now < token.expires_at:
                 _log.debug("token request rate cap reached; keeping the current token")
                 return token.access_token
-        wait = max(recent[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
+        wait = max(window[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
         raise TokenRequestError(
-            f"not requesting a token: {len(recent)} token requests in the last "
+            f"not requesting a token: {len(window)} token requests in the last "
             f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
             f"as misuse); the next one is allowed in {wait:.0f} s"
         )
@@ -779,14 +779,43 @@ class _Fresh:
 
 @dataclass(frozen=True)
 class _State:
-    """What the shared cache holds: the token, and recent token-request times."""
+    """What the shared cache holds: the token, and what the rate cap counts.
+
+    The cap (contract behaviour 5) counts, in ``requests``, every token request
+    except a renewal: the successful replacement of a token that reached its
+    refresh time. Renewals need no cap, since single-flight allows one per token
+    lifetime, and capping them would break short-lived tokens. Only the latest
+    renewal is kept (``renewed_at``) and counted, so that an uncured 401 sees a
+    hard limit of 5 token requests a minute, the renewal before it included.
+    """
 
     token: _Token | None = None
     requests: tuple[float, ...] = ()
+    renewed_at: float | None = None
 
-    def recent(self, now: float) -> tuple[float, ...]:
-        """Token-request times inside the rate-cap window ending at ``now``."""
-        return tuple(t for t in self.requests if now - _TOKEN_REQUEST_WINDOW < t <= now + 1)
+    def window(self, now: float) -> tuple[float, ...]:
+        """The counted token-request times within the cap's window ending at ``now``."""
+        times = (*self.requests, *(() if self.renewed_at is None else (self.renewed_at,)))
+        return tuple(sorted(t for t in times if now - _TOKEN_REQUEST_WINDOW < t <= now + 1))
+
+    def after_request(
+        self, token: _Token | None, stale: str | None, sent: list[float], now: float
+    ) -> _State:
+        """The state after a token request that sent ``sent`` attempts.
+
+        A token the API rejected (``stale``) is dropped even if no new one came.
+        """
+        window = now - _TOKEN_REQUEST_WINDOW
+        requests = [t for t in self.requests if t > window]
+        renewed_at, counted = self.renewed_at, list(sent)
+        if token is not None and stale is None and self.token is not None and counted:
+            renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
+        requests.extend(counted)
+        kept = self.token if self.token and self.token.access_token != stale else None
+        return _State(token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at)
+
+    def without_token(self) -> _State:
+        return _State(None, self.requests, self.renewed_at)
 
 
 class _Job:
@@ -875,6 +904,7 @@ class _FileCache:
             "version": 1,
             "token": state.token.to_json() if state.token else None,
             "token_requests": list(state.requests),
+            "renewed_at": state.renewed_at,
         }
         data = json.dumps(payload).encode()
         self.ensure_dir()
@@ -923,11 +953,15 @@ def _parse_state(raw: bytes) -> _State | None:
     requests = data.get("token_requests")
     if not isinstance(requests, list) or not all(_is_number(t) for t in requests):
         return None
+    renewed_at = data.get("renewed_at")
+    if renewed_at is not None and not _is_number(renewed_at):
+        return None
     token_data = data.get("token")
     token = _Token.from_json(token_data)
     if token is None and token_data is not None:
         return None
-    return _State(token, tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:]))
+    requests = tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:])
+    return _State(token, requests, None if renewed_at is None else float(renewed_at))
 
 
 def _default_cache_dir() -> Path:
@@ -1358,7 +1392,7 @@ def _status(auth: EdrvAuth) -> str:
             f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {auth._refresh_margin:g} s)",
             f"scope: {token.scope or '(none)'}",
         ]
-    recent = state.recent(now) if state else ()
+    recent = state.window(now) if state else ()
     lines.append(
         f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
         f"(at most {_MAX_TOKEN_REQUESTS})"

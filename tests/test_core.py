@@ -1,0 +1,149 @@
+"""The token core's decisions: the storm cap's accounting, and the shared state.
+
+The clock is injected (`clock` fixture); no test sleeps to reach an expiry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import requests
+from conftest import Clock
+from fake_edrv import FakeEdrv
+
+import edrv_auth
+from edrv_auth import EdrvAuth, TokenRequestError
+
+MakeAuth = Callable[..., EdrvAuth]
+
+
+def test_scheduled_renewals_are_not_capped(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Short-lived tokens are renewed as often as their lifetime needs, beyond 5 a minute."""
+    fake.expires_in = 5
+    auth = make_auth(refresh_margin=1)
+    tokens = set()
+    for _ in range(12):  # 12 renewals in 49 s
+        tokens.add(auth.get_token())
+        clock.advance(4.1)
+    assert fake.token_requests == 12
+    assert len(tokens) == 12
+
+
+def test_a_401_after_many_renewals_still_gets_a_new_token(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Scheduled renewals do not use up the budget that an early server-side expiry needs."""
+    fake.expires_in = 5
+    auth = make_auth(refresh_margin=1)
+    for _ in range(8):
+        clock.advance(4.1)
+        auth.get_token()
+    fake.expire_all()
+    response = requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+
+
+def test_uncured_401_is_capped_at_5_including_the_first_token(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A revoked client: the first token plus 4 forced refreshes, then none for a minute."""
+    auth = make_auth()
+    fake.reject_all = True
+    with requests.Session() as session:
+        for _ in range(20):
+            assert session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 401
+        assert fake.token_requests == 5
+        clock.advance(30)
+        session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+        assert fake.token_requests == 5
+        clock.advance(31)  # the first requests leave the window
+        session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+        assert fake.token_requests == 6
+
+
+def test_failures_are_capped_and_the_error_says_when_to_retry(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Failed token requests count: the 6th call in a minute is refused without a request."""
+    for _ in range(6):
+        fake.queue_token_response(400, {"error": "invalid_request"})
+    auth = make_auth()
+    for _ in range(5):
+        with pytest.raises(TokenRequestError, match="HTTP 400"):
+            auth.get_token()
+    clock.advance(20)
+    with pytest.raises(TokenRequestError, match=r"not requesting a token.*allowed in 40 s"):
+        auth.get_token()
+    assert fake.token_requests == 5
+
+
+def test_retried_attempts_of_a_renewal_count_except_the_successful_one(
+    fake: FakeEdrv, make_auth: MakeAuth, no_sleep: list[float], clock: Clock
+) -> None:
+    """A renewal that needed a retry records the failed attempt; the success is the renewal."""
+    auth = make_auth()
+    auth.get_token()  # into an empty cache: counted
+    clock.advance(86400)
+    fake.queue_token_response(503, "busy")
+    auth.get_token()  # a renewal, after one failed attempt
+    state = auth._cache.read()
+    assert state is not None
+    assert fake.token_requests == 3
+    # The first request left the window a day ago; the failed attempt is counted.
+    assert len(state.requests) == 1
+    assert state.renewed_at is not None
+    assert state.requests[0] <= state.renewed_at
+
+
+def test_first_token_counts_towards_the_cap(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """A fetch into an empty cache is counted, a renewal of an expired token is not."""
+    auth = make_auth()
+    auth.get_token()
+    state = auth._cache.read()
+    assert state is not None
+    assert (len(state.requests), state.renewed_at) == (1, None)
+
+
+def test_clear_keeps_the_cap_record(fake: FakeEdrv, make_auth: MakeAuth, clock: Clock) -> None:
+    """clear() in a loop cannot be used to get round the cap: fetches into an empty cache count."""
+    fake.reject_all = True
+    auth = make_auth()
+    refused = 0
+    with requests.Session() as session:
+        for _ in range(10):
+            try:
+                session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+            except TokenRequestError:
+                refused += 1
+            auth.clear()
+    assert fake.token_requests == 5
+    assert refused == 7
+    data = json.loads(auth._cache.path.read_bytes())
+    assert data["token"] is None
+    assert len(data["token_requests"]) + (data["renewed_at"] is not None) == 5
+
+
+def test_cap_is_shared_through_the_cache_file(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Two instances sharing the cache share one budget."""
+    fake.reject_all = True
+    first, second = make_auth(), make_auth()
+    with requests.Session() as session:
+        for _ in range(5):
+            session.get(f"{fake.url}/v1.1/x", auth=first, timeout=5)
+            session.get(f"{fake.url}/v1.1/x", auth=second, timeout=5)
+    assert fake.token_requests == 5
+
+
+def test_state_record_is_bounded(fake: FakeEdrv, make_auth: MakeAuth, clock: Clock) -> None:
+    """The cache file never grows: it keeps at most the last few request times."""
+    state = edrv_auth._State()
+    for i in range(100):
+        state = state.after_request(None, None, [clock.now + i], clock.now + i)
+    assert len(state.requests) == edrv_auth._MAX_TOKEN_REQUESTS
