@@ -157,11 +157,6 @@ class TokenRequestError(EdrvAuthError):
         self.status_code = status_code
         self.error = error
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuild from the real constructor arguments, so that the error crosses
-        # a multiprocessing pipe intact (the default would drop the attributes).
-        return (type(self), (str(self), self.status_code, self.error))
-
 
 # ---- EdrvAuth: configuration, adapters ------------------------------------
 

@@ -41,12 +41,12 @@ def digest(token: str) -> str:
 # ---- Pool functions (multiprocessing spawn workers) -----------------------
 
 
-def pool_request(auth: edrv_auth.EdrvAuth) -> int:
+def pool_request(auth: edrv_auth.EdrvAuth, url: str) -> int:
     """Make one requests call with an unpickled ``auth``; return the status code."""
     import requests
 
     with requests.Session() as session:
-        return session.get(api_url(), auth=auth, timeout=30).status_code
+        return session.get(url, auth=auth, timeout=30).status_code
 
 
 def pool_get_token(auth: edrv_auth.EdrvAuth) -> str:
@@ -78,8 +78,10 @@ def _thread_calls(client: str, auth: edrv_auth.EdrvAuth, count: int, out: dict[s
                 import requests
 
                 with requests.Session() as session:
-                    out["statuses"].append(session.get(api_url(), auth=auth, timeout=30).status_code)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which asserts on it
+                    out["statuses"].append(
+                        session.get(api_url(), auth=auth, timeout=30).status_code
+                    )
+        except Exception as exc:  # reported to the parent, which asserts on it
             out["errors"].append(f"{type(exc).__name__}: {exc}")
 
 
@@ -100,7 +102,7 @@ def herd(args: argparse.Namespace) -> dict[str, Any]:
             if go is not None:
                 _wait_for_file(go, _GO_TIMEOUT)
             _thread_calls(args.client, auth, args.requests, mine)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which asserts on it
+        except Exception as exc:  # reported to the parent, which asserts on it
             mine["errors"].append(f"{type(exc).__name__}: {exc}")
             barrier.abort()  # never leave the others waiting for this thread
         with lock:

@@ -236,7 +236,7 @@ def test_concurrent_401s_across_processes_cause_one_token_request(
 def test_storm_cap_is_shared_across_processes(
     fake_env: FakeEdrv, children: Children, tmp_path: Path
 ) -> None:
-    """4 processes x 10 rejected requests make 5 token requests in all, and every caller gets 401."""
+    """4 processes x 10 rejected requests make 5 token requests in all; every caller gets 401."""
     procs, go = start_herd(children, tmp_path, 4, "--requests", "10")
     fake_env.reject_all = True
     go.touch()
@@ -267,7 +267,7 @@ def test_auth_pickles_without_token_and_works_in_spawn_worker(
     token = auth.get_token()  # memory, runtime lock and FileLock are all populated now
     data = pickle.dumps(auth)
     assert token.encode() not in data
-    assert repr(pickle.loads(data)) == repr(auth)  # noqa: S301 - our own bytes
+    assert repr(pickle.loads(data)) == repr(auth)
     with spawn_pool() as pool:
         status = pool.apply(_proc_worker.pool_request, (auth, fake.url + "/v1.1/x"))
     assert status == 200
@@ -457,7 +457,7 @@ def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
     tmp_path: Path,
     make_auth: Callable[..., edrv_auth.EdrvAuth],
 ) -> None:
-    """With a valid cached token, a process gets it at once even while a hung process holds the lock."""
+    """A valid cached token is read at once even while a hung process holds the lock."""
     token = make_auth().get_token()
     holder = start_lock_holder(children, tmp_path)
     os.kill(holder.pid, signal.SIGSTOP)
