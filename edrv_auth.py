@@ -939,11 +939,8 @@ def _untrusted(info: os.stat_result) -> str | None:
 
 
 def _parse_state(raw: bytes) -> _State | None:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get("version") != 1:
+    data = _json_object(raw)
+    if data is None or data.get("version") != 1:
         return None
     requests = data.get("token_requests")
     if not isinstance(requests, list) or not all(_is_number(t) for t in requests):
@@ -1022,11 +1019,8 @@ def _parse_token(
     secrets: tuple[str, ...],
 ) -> _Token:
     """Turn a 2xx token response into a `_Token`, or raise `TokenRequestError`."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
+    data = _json_object(body)
+    if data is None:
         raise TokenRequestError(
             f"the token endpoint answered {_content_type(headers)}, not a JSON token "
             "(a proxy or gateway may have answered instead of eDRV)",
@@ -1048,10 +1042,9 @@ def _parse_token(
             status,
         )
     scope = data.get("scope")
+    scope = _clean(scope, secrets, limit=1000) if isinstance(scope, str) else ""
     lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
-    token = _Token(
-        access_token, obtained_at, obtained_at + lifetime, scope if isinstance(scope, str) else ""
-    )
+    token = _Token(access_token, obtained_at, obtained_at + lifetime, scope)
     _log.debug("obtained a token valid for %.0f s (scope %r)", lifetime, token.scope)
     return token
 
@@ -1064,11 +1057,8 @@ def _token_error(
     Never the raw body: a proxy may echo the form, client secret included.
     """
     error = description = None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
+    data = _json_object(body)
+    if data is not None:
         if isinstance(data.get("error"), str):
             error = _clean(data["error"], secrets, limit=64)
         if isinstance(data.get("error_description"), str):
@@ -1247,15 +1237,39 @@ def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Respons
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool): what JSON numbers must be to be used."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400 in a JSON file
+        return False
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """Parse a JSON object from untrusted bytes; ``None`` for anything else.
+
+    Deeply nested input raises RecursionError rather than ValueError.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _clean(text: str, secrets: tuple[str, ...], limit: int = 200) -> str:
-    """Make server-provided text safe for a message: no secrets, no control chars."""
+    """Make server-provided text safe for a message: no secrets, no control chars.
+
+    Control characters go first, so that replacing them cannot rebuild a
+    secret; if masking still leaves one (overlapping copies), nothing is shown.
+    """
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if any(secret and secret in text for secret in secrets):
+        return "(withheld: it contained a secret)"
     return text[:limit] + ("..." if len(text) > limit else "")
 
 

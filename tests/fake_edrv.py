@@ -465,6 +465,12 @@ class FakeEdrv:
         with self._lock:
             self._token_queue.append(_make_canned(status, body, headers, delay))
 
+    def clear_queues(self) -> None:
+        """Drop every queued token and API response not used yet."""
+        with self._lock:
+            self._token_queue.clear()
+            self._api_queue.clear()
+
     def queue_token_drop(self) -> None:
         """Make the next token request see its connection closed without any response."""
         with self._lock:
