@@ -49,7 +49,7 @@ import urllib.request
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 import filelock
 
@@ -121,6 +121,13 @@ _MAX_BODY: Final = 64 * 1024
 _CREDENTIAL_ERRORS: Final = frozenset(
     {None, "access_denied", "invalid_client", "unauthorized_client", "invalid_grant"}
 )
+#: Redis: socket timeouts, how long to leave an unreachable Redis alone, how long
+#: a dead holder's lock lasts (longer than a token request may take), and how
+#: often a waiter polls for the lock.
+_REDIS_TIMEOUT: Final = 2.0
+_REDIS_RETRY_AFTER: Final = 30.0
+_REDIS_LOCK_TTL = _FETCH_DEADLINE + 2.0
+_REDIS_LOCK_POLL: Final = 0.05
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
@@ -228,23 +235,23 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             raise EdrvAuthError("timeout must be a number of seconds > 0")
         self._refresh_margin = float(refresh_margin)
         self._timeout = float(timeout)
-        self._redis_url = redis_url or _env(_ENV_REDIS_URL)
-        if self._redis_url is not None:
-            raise EdrvAuthError("redis_url is not supported yet by this version of edrv_auth")
         directory = cache_dir or _env(_ENV_CACHE_DIR)
-        self._cache = _FileCache(
-            Path(directory) if directory else _default_cache_dir(),
-            key=f"{self._token_url}\n{self._audience}\n{self._client_id}",
-        )
+        key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
+        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), key)
+        self._stores: tuple[_Store, ...] = (self._cache,)
+        redis_url = redis_url or _env(_ENV_REDIS_URL)
+        if redis_url and self._api_key is None:
+            # Redis is shared by every machine; the file still serves when it is down.
+            self._stores = (_RedisCache(redis_url, key), self._cache)
         self._current: _Fresh | None = None
         self._runtime = _Runtime()
 
     def __repr__(self) -> str:
         if self._api_key is not None:
             return f"EdrvAuth(api_key='***', api_url={self._api_url!r})"
+        shared = ", ".join(repr(store.label) for store in self._stores)
         return (
-            f"EdrvAuth(client_id={self._client_id!r}, api_url={self._api_url!r}, "
-            f"cache={str(self._cache.path)!r})"
+            f"EdrvAuth(client_id={self._client_id!r}, api_url={self._api_url!r}, cache=[{shared}])"
         )
 
     # Pickling (multiprocessing spawn) and fork: locks, FileLocks and in-flight
@@ -296,7 +303,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         return await self._atoken(None)
 
     def clear(self) -> None:
-        """Forget the cached token, in memory and on disk.
+        """Forget the cached token, in memory and in the shared cache.
 
         The record of recent token requests stays, so clearing in a loop cannot
         be used to bypass the token-request rate cap.
@@ -306,16 +313,13 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._current = None
         runtime = self._rt()
         runtime.state = runtime.state.without_token()
-        if not os.path.lexists(self._cache.path):
-            return
         deadline = time.monotonic() + _LOCK_TIMEOUT
-        with self._thread_lock(runtime, deadline), self._cache_lock(runtime, deadline) as locked:
-            if locked:
-                runtime.state = self._read_state(runtime).without_token()
-                if runtime.state.window(_now()):
-                    self._write_state(runtime, runtime.state)
-                else:
-                    self._cache.remove()
+        with self._thread_lock(runtime, deadline):
+            for store in self._stores:
+                try:
+                    _forget_token(store, deadline)
+                except OSError as exc:
+                    self._warn_unusable(runtime, store, exc)
 
     # -- requests adapter ----------------------------------------------------
 
@@ -492,19 +496,21 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             found = self._usable(self._current, stale)
             if found is not None:
                 return found
-            # Writes are atomic renames, so a read without the lock is safe: a
-            # new process with a warm cache never touches the lock.
-            found = self._adopt(self._read_state(runtime).token, stale)
+            # Every write replaces the state whole, so a read without the lock is
+            # safe: a new process with a warm cache never touches the lock.
+            found = self._adopt(self._read_state(runtime, self._stores).token, stale)
             if found is not None:
                 return found
-            with self._cache_lock(runtime, deadline) as locked:
-                state = self._read_state(runtime) if locked else runtime.state
+            with self._locked_store(runtime, deadline) as store:
+                state = runtime.state if store is None else self._read_state(runtime, (store,))
                 found = self._adopt(state.token, stale)
                 if found is not None:
                     return found
-                return self._refresh(runtime, state, stale, save=locked)
+                return self._refresh(runtime, state, stale, store)
 
-    def _refresh(self, runtime: _Runtime, state: _State, stale: str | None, *, save: bool) -> str:
+    def _refresh(
+        self, runtime: _Runtime, state: _State, stale: str | None, store: _Store | None
+    ) -> str:
         """Request a new token within the shared rate cap; record and save it."""
         now = _now()
         window = state.window(now)
@@ -518,8 +524,12 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), _MAX_ATTEMPTS), sent)
         finally:
             runtime.state = state.after_request(token, stale, sent, now)
-            if save:
-                self._write_state(runtime, runtime.state)
+            if store is not None:
+                replacing = state.token.access_token if state.token else None
+                try:
+                    store.write(runtime.state, replacing)
+                except OSError as exc:
+                    self._warn_unusable(runtime, store, exc)
         self._adopt(token, None)
         return token.access_token
 
@@ -598,52 +608,48 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             runtime.lock.release()
 
     @contextlib.contextmanager
-    def _cache_lock(self, runtime: _Runtime, deadline: float) -> Iterator[bool]:
-        """Hold the cross-process lock; yield whether the file cache is usable.
+    def _locked_store(self, runtime: _Runtime, deadline: float) -> Iterator[_Store | None]:
+        """Lock the first usable shared store and yield it; ``None`` means memory only.
 
-        A cache folder that cannot be created or written (a read-only home in a
-        container) degrades to the in-memory cache, with one warning.
+        A store that cannot be used (Redis unreachable, a read-only cache folder
+        in a container) is skipped with one warning, never failing the request.
         """
-        if runtime.file_lock is None:
-            runtime.file_lock = self._cache.make_lock()
-        try:
-            self._cache.ensure_dir()
-            runtime.file_lock.acquire(timeout=max(deadline - time.monotonic(), 0))
-        except filelock.Timeout as exc:
-            raise EdrvAuthError(
-                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
-                f"{self._cache.lock_path} (another process holds it)"
-            ) from exc
-        except OSError as exc:
-            self._warn_no_cache(runtime, exc)
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            runtime.file_lock.release()
+        for store in self._stores:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(store.locked(deadline))
+                except OSError as exc:
+                    self._warn_unusable(runtime, store, exc)
+                    continue
+                yield store
+                return
+        yield None
 
-    def _read_state(self, runtime: _Runtime) -> _State:
-        state = self._cache.read()
-        if state is not None:
-            runtime.state = state
-            return state
+    def _read_state(self, runtime: _Runtime, stores: Sequence[_Store]) -> _State:
+        """The shared state from the first store that answers, else the one in memory."""
+        for store in stores:
+            try:
+                state = store.read()
+            except OSError as exc:
+                self._warn_unusable(runtime, store, exc)
+                continue
+            if state is not None:
+                runtime.state = state
+                return state
+            break
         return runtime.state
 
-    def _write_state(self, runtime: _Runtime, state: _State) -> None:
-        try:
-            self._cache.write(state)
-        except OSError as exc:
-            self._warn_no_cache(runtime, exc)
-
-    def _warn_no_cache(self, runtime: _Runtime, exc: OSError) -> None:
-        if not runtime.warned:
-            runtime.warned = True
-            _log.warning(
-                "cannot use the token cache in %s (%s); keeping the token in memory only",
-                self._cache.directory,
-                exc.strerror or type(exc).__name__,
-            )
+    def _warn_unusable(self, runtime: _Runtime, store: _Store, exc: OSError) -> None:
+        if store.label in runtime.warned:
+            return
+        runtime.warned.add(store.label)
+        later = self._stores[self._stores.index(store) + 1 :]
+        _log.warning(
+            "cannot use the token cache %s (%s); %s",
+            store.label,
+            exc.strerror or type(exc).__name__,
+            f"using {later[0].label} instead" if later else "keeping the token in memory only",
+        )
 
     # ---- Token endpoint: one request, bounded retries, parsing ------------
 
@@ -823,23 +829,55 @@ class _Job:
 
 
 class _Runtime:
-    """Everything that belongs to one process: locks and in-flight jobs.
+    """What belongs to one process: the thread lock and the in-flight jobs.
 
-    Neither locks nor ``FileLock`` objects survive pickling, and filelock
-    refuses a lock object inherited across ``fork()``; keeping them all here
-    lets pickling drop them and a forked child replace them in one step.
+    Locks do not survive pickling, and one held by another thread at fork time
+    would never be released in the child; keeping them here lets pickling drop
+    them and a forked child replace them in one step. (The caches keep their
+    own per-process lock and connection the same way.)
     """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.file_lock: filelock.BaseFileLock | None = None
         self.jobs: dict[tuple[int, str | None], _Job] = {}
-        self.state = _State()  # the last known cache state; all we have without a file
-        self.warned = False
+        self.state = _State()  # the last known shared state; all we have without a cache
+        self.warned: set[str] = set()  # caches already reported unusable
 
 
-# ---- File cache: validate on read, atomic 0600 write ----------------------
+# ---- Shared caches: one small interface, a file and Redis ------------------
+
+
+class _Store(Protocol):
+    """Where processes share the state: the token core talks only to this.
+
+    ``read`` returns the trusted state or ``None``; ``write`` replaces it, but
+    only while it still holds the token ``replacing`` (compare-and-swap, in one
+    step where the lock alone cannot guarantee it); ``locked`` is the
+    cross-process lock for one token request, raising ``EdrvAuthError`` on
+    timeout. Any method raises ``OSError`` when the store cannot be used.
+    """
+
+    label: str
+
+    def read(self) -> _State | None: ...
+
+    def write(self, state: _State, replacing: str | None) -> None: ...
+
+    def remove(self) -> None: ...
+
+    def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]: ...
+
+
+def _dump_state(state: _State) -> bytes:
+    return json.dumps(
+        {
+            "version": 1,
+            "token": state.token.to_json() if state.token else None,
+            "token_requests": list(state.requests),
+            "renewed_at": state.renewed_at,
+        }
+    ).encode()
 
 
 class _FileCache:
@@ -853,13 +891,38 @@ class _FileCache:
     """
 
     def __init__(self, directory: Path, key: str) -> None:
-        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        name = _key_digest(key)
         self.directory = directory
+        self.label = str(directory)
         self.path = directory / f"{name}.json"
         self.lock_path = directory / f"{name}.lock"
+        self._lock: filelock.BaseFileLock | None = None
+        self._lock_pid = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_lock": None}  # a FileLock does not pickle
 
     def make_lock(self) -> filelock.BaseFileLock:
         return filelock.FileLock(self.lock_path, mode=0o600)
+
+    @contextlib.contextmanager
+    def locked(self, deadline: float) -> Iterator[None]:
+        """Hold the lock file beside the cache; a holder that dies releases it."""
+        if self._lock is None or self._lock_pid != os.getpid():
+            # filelock refuses a lock object inherited across fork(): one per process.
+            self._lock, self._lock_pid = self.make_lock(), os.getpid()
+        self.ensure_dir()
+        try:
+            self._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+        except filelock.Timeout as exc:  # a TimeoutError, hence an OSError: convert first
+            raise EdrvAuthError(
+                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
+                f"{self.lock_path} (another process holds it)"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def ensure_dir(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -893,15 +956,13 @@ class _FileCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def write(self, state: _State) -> None:
-        """Atomically replace the cache file with ``state``."""
-        payload = {
-            "version": 1,
-            "token": state.token.to_json() if state.token else None,
-            "token_requests": list(state.requests),
-            "renewed_at": state.renewed_at,
-        }
-        data = json.dumps(payload).encode()
+    def write(self, state: _State, replacing: str | None = None) -> None:
+        """Atomically replace the cache file with ``state``.
+
+        The lock file, which only a live process can hold, already makes the
+        read-compare-write under it atomic, so ``replacing`` needs no check.
+        """
+        data = _dump_state(state)
         self.ensure_dir()
         temporary = self.directory / f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
@@ -923,6 +984,155 @@ class _FileCache:
 
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+
+
+def _forget_token(store: _Store, deadline: float) -> None:
+    """Drop the token from one store, keeping the rate cap's record if recent."""
+    if store.read() is None:
+        return  # nothing to forget: create no folder, lock or key
+    with store.locked(deadline):
+        state = store.read()
+        if state is None:
+            return
+        forgotten = state.without_token()
+        if not forgotten.window(_now()):
+            store.remove()
+        else:
+            store.write(forgotten, state.token.access_token if state.token else None)
+
+
+class _RedisCache:
+    """The shared state in Redis, for processes on many machines.
+
+    The state is stored under a key derived from a hash of (token_url,
+    audience, client_id), with a TTL that ends when it stops being useful, and
+    holds no secret but the token. Single flight across machines is a
+    ``SET NX PX`` lock with a random owner value, released only by its owner
+    and expiring by itself if the holder dies; the write after a token request
+    is a compare-and-swap in a Lua script. Any Redis error makes the store
+    unusable for a while (``OSError``), so the core falls back to the file.
+    """
+
+    def __init__(self, url: str, key: str) -> None:
+        try:
+            import redis  # noqa: F401 - fail at construction, not at the first request
+        except ImportError:
+            raise EdrvAuthError(
+                "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
+            ) from None
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise EdrvAuthError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if parts.scheme == "unix":
+            self.label = f"unix://{parts.path}"
+        else:  # no user name or password: the label goes into logs and reprs
+            port = _safe_port(parts) or 6379
+            self.label = f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
+        self.key = f"edrv_auth:{_key_digest(key)}"
+        self.lock_key = f"{self.key}:lock"
+        self._url = url
+        self._client: Any = None
+        self._client_pid = 0
+        self._down_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"_RedisCache({self.label!r})"  # the URL may hold a password
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_client": None}
+
+    def _call(self, operation: Callable[[Any], Any]) -> Any:
+        """Run one Redis operation; any Redis failure becomes an OSError."""
+        import redis
+
+        if time.monotonic() < self._down_until:
+            raise _RedisDown("unreachable a moment ago")
+        if self._client is None or self._client_pid != os.getpid():
+            self._client = redis.Redis.from_url(
+                self._url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
+            )
+            self._client_pid = os.getpid()
+        try:
+            return operation(self._client)
+        except redis.RedisError as exc:
+            self._down_until = time.monotonic() + _REDIS_RETRY_AFTER
+            raise _RedisDown(type(exc).__name__) from exc
+
+    def read(self) -> _State | None:
+        raw = self._call(lambda r: r.get(self.key))
+        if raw is None:
+            return None
+        state = _parse_state(raw)
+        if state is None:
+            _log.debug("ignoring the Redis cache %s: not a valid token cache", self.label)
+        return state
+
+    def write(self, state: _State, replacing: str | None) -> None:
+        now = _now()
+        useful_until = max((*state.window(now), -math.inf)) + _TOKEN_REQUEST_WINDOW
+        if state.token is not None:
+            useful_until = max(useful_until, state.token.expires_at)
+        ttl_ms = max(int((useful_until - now) * 1000), 1000)
+        swapped = self._call(
+            lambda r: r.eval(_REDIS_SWAP, 1, self.key, replacing or "", _dump_state(state), ttl_ms)
+        )
+        if not swapped:
+            _log.debug("the Redis cache changed meanwhile; not overwriting it")
+
+    def remove(self) -> None:
+        self._call(lambda r: r.delete(self.key))
+
+    @contextlib.contextmanager
+    def locked(self, deadline: float) -> Iterator[None]:
+        owner = os.urandom(16).hex()
+        ttl_ms = int(_REDIS_LOCK_TTL * 1000)
+        while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
+            if time.monotonic() >= deadline:
+                raise EdrvAuthError(
+                    f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token lock in "
+                    f"Redis {self.label} (another process holds it)"
+                )
+            time.sleep(_REDIS_LOCK_POLL)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                self._call(lambda r: r.eval(_REDIS_RELEASE, 1, self.lock_key, owner))
+
+
+class _RedisDown(OSError):
+    """Redis could not be used; the message names the Redis error class only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
+
+
+#: Replace the state only if it still holds the token we read (ARGV[1], "" for
+#: none), whatever happened to the lock meanwhile (it may have expired).
+_REDIS_SWAP: Final = """
+local current = redis.call('GET', KEYS[1])
+local held = ''
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and type(doc['token']) == 'table'
+     and type(doc['token']['access_token']) == 'string' then
+    held = doc['token']['access_token']
+  end
+end
+if held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+#: Release the lock only if we still own it.
+_REDIS_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _key_digest(key: str) -> str:
+    """A name for one credential set that reveals none of its parts."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _untrusted(info: os.stat_result) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,37 @@ def test_auth_pickles_without_runtime_state(clean_env: Path) -> None:
     assert copy._current is None
 
 
-def test_redis_url_is_not_silently_ignored() -> None:
-    """Until the Redis cache exists, asking for it fails loudly instead of doing nothing."""
-    with pytest.raises(EdrvAuthError, match="redis"):
+def test_redis_url_without_the_redis_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis is an optional extra: without it, construction names the extra to install."""
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
+    with pytest.raises(EdrvAuthError, match=r"pip install 'edrv-auth\[redis\]'"):
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, redis_url="redis://127.0.0.1:6379/0")
+
+
+def test_redis_url_from_environment_and_its_password_stays_hidden(
+    monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch
+) -> None:
+    """EDRV_AUTH_REDIS_URL is used; the repr shows host, port and db, never the password."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    password = "test-redis-password-canary"
+    leak_watch.secrets.add(password)
+    monkeypatch.setenv("EDRV_AUTH_REDIS_URL", f"redis://user:{password}@127.0.0.1:6390/2")
+    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    assert "redis://127.0.0.1:6390/2" in repr(auth)
+    assert leak_watch.leaks(repr(auth), repr(auth._stores)) == []
+
+
+def test_redis_url_must_be_a_redis_url() -> None:
+    """A URL that is not redis://, rediss:// or unix:// is refused at construction."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    with pytest.raises(EdrvAuthError, match="redis_url must be"):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, redis_url="http://127.0.0.1:6379")
+
+
+def test_api_key_mode_ignores_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API key needs no shared cache, so a Redis URL is not even imported for it."""
+    monkeypatch.setitem(sys.modules, "redis", None)
+    auth = EdrvAuth(api_key=API_KEY, redis_url="redis://127.0.0.1:6379/0")
+    assert auth.get_token() == API_KEY

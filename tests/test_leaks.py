@@ -112,7 +112,7 @@ class Sweep:
                 "_Fresh": current,
                 "_Fresh.token": current.token if current else None,
                 "_FileCache": auth._cache,
-                "FileLock": runtime.file_lock,
+                "FileLock": auth._cache._lock,
             }
             for name, value in objects.items():
                 yield f"repr(auth{i} {name})", repr(value)
@@ -417,8 +417,8 @@ def test_configuration_errors_leak_nothing(fake: FakeEdrv, sweep: Sweep) -> None
             "client", CLIENT_SECRET, refresh_margin=-1
         ),
         "bad timeout": lambda: edrv_auth.EdrvAuth("client", CLIENT_SECRET, timeout=0),
-        "redis": lambda: edrv_auth.EdrvAuth(
-            "client", CLIENT_SECRET, redis_url="redis://localhost:6379/0"
+        "redis scheme": lambda: edrv_auth.EdrvAuth(
+            "client", CLIENT_SECRET, redis_url=f"http://user:{CLIENT_SECRET}@localhost:6379/0"
         ),
         "plain http": lambda: edrv_auth.EdrvAuth(
             "client", CLIENT_SECRET, token_url="http://auth.example/oauth/token"

@@ -374,24 +374,20 @@ def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
     """A child forked while the parent holds the cache lock waits for it, then proceeds."""
     auth = make_auth()
     auth.get_token()
-    runtime = auth._rt()
-    if runtime.file_lock is None:
-        runtime.file_lock = auth._cache.make_lock()
-    file_lock = runtime.file_lock
-    file_lock.acquire(timeout=5)
+    held = contextlib.ExitStack()
+    held.enter_context(auth._cache.locked(time.monotonic() + 5))
     try:
         with forked(child_clear_and_get, auth) as (proc, reader):
             # The lock belongs to the parent: the child must not act as if it held it too.
             proc.join(0.5)
             assert proc.is_alive()
             assert fake.token_requests == 1
-            file_lock.release()
+            held.close()
             proc.join(10)
             assert proc.exitcode == 0
             new = reader.recv()
     finally:
-        if file_lock.is_locked:
-            file_lock.release()
+        held.close()
     assert fake.token_requests == 2
     assert new == digest(make_auth().get_token())
 

@@ -1,0 +1,322 @@
+"""The Redis cache: one token for processes that share only a Redis URL.
+
+Each process gets its own cache folder, as separate machines would. The tests
+start a real `redis-server` on 127.0.0.1. Without the binary they skip on a
+developer machine, but fail in CI (CI=true), where `.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch
+from fake_edrv import FakeEdrv
+from redis_server import RedisServer, redis_data
+
+import edrv_auth
+
+pytest.importorskip("redis", reason="the redis extra is not installed: pip install -e '.[test]'")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server for one test."""
+    try:
+        server = RedisServer().start()
+    except FileNotFoundError:
+        if os.environ.get("CI"):
+            raise  # CI installs redis-server: its absence is a failure there
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def machine(fake: FakeEdrv, redis_url: str, tmp_path: Path) -> Callable[..., edrv_auth.EdrvAuth]:
+    """An EdrvAuth as on its own machine: its own cache folder, the shared Redis."""
+    count = iter(range(1000))
+
+    def make(**overrides: object) -> edrv_auth.EdrvAuth:
+        options: dict[str, object] = {
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "token_url": fake.token_url,
+            "api_url": fake.url,
+            "cache_dir": tmp_path / f"machine-{next(count)}",
+            "redis_url": redis_url,
+        }
+        options.update(overrides)
+        return edrv_auth.EdrvAuth(**options)  # type: ignore[arg-type]
+
+    return make
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from pathlib import Path
+    import requests
+    import edrv_auth
+    edrv_auth._REDIS_LOCK_TTL = float(os.environ.get("TEST_LOCK_TTL", edrv_auth._REDIS_LOCK_TTL))
+    go = Path(sys.argv[1])
+    auth = edrv_auth.EdrvAuth()
+    Path(sys.argv[2]).touch()
+    while not go.exists():
+        time.sleep(0.005)
+    statuses = []
+    url = os.environ["EDRV_API_URL"] + "/v1.1/x"
+    def call():
+        with requests.Session() as s:
+            statuses.append(s.get(url, auth=auth, timeout=30).status_code)
+    threads = [threading.Thread(target=call) for _ in range(int(sys.argv[3]))]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print(" ".join(map(str, statuses)))
+    """
+)
+
+
+def start_machines(
+    tmp_path: Path, fake: FakeEdrv, redis_url: str, count: int, threads: int, **env: str
+) -> list[subprocess.Popen[str]]:
+    """Start `count` processes, each with its own cache folder, all waiting for `go`."""
+    go = tmp_path / "go"
+    children = []
+    for i in range(count):
+        child_env = dict(
+            os.environ,
+            EDRV_CLIENT_ID=CLIENT_ID,
+            EDRV_CLIENT_SECRET=CLIENT_SECRET,
+            EDRV_TOKEN_URL=fake.token_url,
+            EDRV_API_URL=fake.url,
+            EDRV_AUTH_REDIS_URL=redis_url,
+            EDRV_AUTH_CACHE_DIR=str(tmp_path / f"proc-{i}"),
+            **env,
+        )
+        ready = tmp_path / f"ready-{i}"
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(go), str(ready), str(threads)],
+                cwd=ROOT,
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(count)):
+        assert time.monotonic() < deadline, "the children did not start"
+        time.sleep(0.01)
+    return children
+
+
+def finish(children: list[subprocess.Popen[str]], leak_watch: LeakWatch) -> list[str]:
+    outputs = []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err
+            assert leak_watch.leaks(out, err) == []
+            outputs.extend(out.split())
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return outputs
+
+
+def test_cold_fleet_without_shared_disk_makes_one_token_request(
+    fake: FakeEdrv, redis_url: str, tmp_path: Path, leak_watch: LeakWatch
+) -> None:
+    """6 processes x 3 threads with separate cache folders, started together: 1 token request."""
+    fake.token_delay = 0.3
+    children = start_machines(tmp_path, fake, redis_url, count=6, threads=3)
+    (tmp_path / "go").touch()
+    statuses = finish(children, leak_watch)
+    assert statuses == ["200"] * 18
+    assert fake.token_requests == 1
+
+
+def test_a_new_machine_reuses_the_token_in_redis(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
+) -> None:
+    """A process with an empty cache folder takes the token from Redis: 0 token requests."""
+    token = machine().get_token()
+    assert machine().get_token() == token
+    assert fake.token_requests == 1
+
+
+def test_401_compare_and_swap_across_machines(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
+) -> None:
+    """A 401 with a token another machine already replaced adopts the new one from Redis."""
+    first, second = machine(), machine()
+    stale = first.get_token()
+    assert second.get_token() == stale
+    fake.expire_all()
+    with requests.Session() as session:
+        assert session.get(f"{fake.url}/v1.1/x", auth=first, timeout=5).status_code == 200
+        assert session.get(f"{fake.url}/v1.1/x", auth=second, timeout=5).status_code == 200
+    assert fake.token_requests == 2
+    assert second.get_token() == first.get_token() != stale
+
+
+def test_storm_cap_is_shared_through_redis(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
+) -> None:
+    """Machines sharing Redis share the 5-a-minute cap, though their disks differ."""
+    fake.reject_all = True
+    fleet = [machine() for _ in range(3)]
+    with requests.Session() as session:
+        for _ in range(4):
+            for auth in fleet:
+                assert session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 401
+    assert fake.token_requests == 5
+
+
+def test_redis_holds_the_token_but_no_secret(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+) -> None:
+    """What is stored: a hashed key, the token and its times, with a TTL; no secret, no id."""
+    auth = machine()
+    token = auth.get_token()
+    data = redis_data(redis_url)
+    assert list(data) == [auth._stores[0].key.encode()]  # type: ignore[attr-defined]
+    stored = b" ".join([*data, *data.values()])
+    assert CLIENT_SECRET.encode() not in stored
+    assert CLIENT_ID.encode() not in stored
+    assert json.loads(next(iter(data.values())))["token"]["access_token"] == token
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        ttl = client.pttl(next(iter(data)))
+    finally:
+        client.close()
+    assert 86_000_000 < ttl <= 86_400_000  # ends with the token's life
+
+
+def test_lock_is_released_after_a_token_request(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+) -> None:
+    """The single-flight lock is gone once the token is saved (released by its owner)."""
+    machine().get_token()
+    assert [key for key in redis_data(redis_url) if key.endswith(b":lock")] == []
+
+
+def test_holder_killed_mid_request_blocks_the_others_only_until_its_lock_expires(
+    fake: FakeEdrv, redis_url: str, tmp_path: Path, leak_watch: LeakWatch,
+    machine: Callable[..., edrv_auth.EdrvAuth], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """SIGKILL during a token request: the lock expires by itself, and the next process gets one."""
+    fake.token_delay = 5
+    (holder,) = start_machines(tmp_path, fake, redis_url, count=1, threads=1, TEST_LOCK_TTL="1.5")
+    (tmp_path / "go").touch()
+    try:
+        deadline = time.monotonic() + 10
+        while fake.token_requests == 0:
+            assert time.monotonic() < deadline, "the holder never asked for a token"
+            time.sleep(0.01)
+        os.kill(holder.pid, signal.SIGKILL)
+    finally:
+        holder.communicate(timeout=30)
+    fake.token_delay = 0
+    monkeypatch.setattr(edrv_auth, "_REDIS_LOCK_TTL", 1.5)
+    started = time.monotonic()
+    token = machine().get_token()
+    waited = time.monotonic() - started
+    assert token in fake.issued_tokens
+    assert waited < 5
+    assert fake.token_requests == 2
+
+
+def test_redis_down_falls_back_to_the_local_cache_with_one_warning(
+    fake: FakeEdrv, tmp_path: Path, leak_watch: LeakWatch, redis_server: RedisServer
+) -> None:
+    """Stopping Redis mid-run fails no request; the fallback is logged once."""
+    server = redis_server
+    auth = edrv_auth.EdrvAuth(
+        CLIENT_ID,
+        CLIENT_SECRET,
+        token_url=fake.token_url,
+        api_url=fake.url,
+        cache_dir=tmp_path / "local",
+        redis_url=server.url,
+    )
+    try:
+        with requests.Session() as session:
+            assert session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
+            server.stop()
+            fake.expire_all()  # forces a refresh while Redis is down
+            statuses = [
+                session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code
+                for _ in range(5)
+            ]
+            auth.clear()
+            statuses.append(session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code)
+    finally:
+        server.stop()
+    assert statuses == [200] * 6
+    warnings = [m for m in leak_watch.messages if "cannot use the token cache redis://" in m]
+    assert len(warnings) == 1
+    assert f"using {tmp_path / 'local'} instead" in warnings[0]
+    assert fake.token_requests == 3  # the first, the 401's replacement, the one after clear()
+
+
+def test_unreachable_redis_from_the_start_never_fails_a_request(
+    fake: FakeEdrv, tmp_path: Path
+) -> None:
+    """A Redis URL nobody listens on: requests work from the file cache."""
+    from redis_server import free_port
+
+    auth = edrv_auth.EdrvAuth(
+        CLIENT_ID,
+        CLIENT_SECRET,
+        token_url=fake.token_url,
+        api_url=fake.url,
+        cache_dir=tmp_path / "local",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    assert requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
+    assert edrv_auth.EdrvAuth(
+        CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
+        cache_dir=tmp_path / "local", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    ).get_token() == auth.get_token()  # fmt: skip
+    assert fake.token_requests == 1
+
+
+def test_async_tasks_share_one_token_through_redis(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
+) -> None:
+    """50 AsyncClient tasks on a cold fleet cache: one token request, no blocked loop."""
+    fake.token_delay = 0.3
+    auth = machine()
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(auth=auth) as client:
+            responses = await asyncio.gather(*(client.get(f"{fake.url}/v1.1/x") for _ in range(50)))
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(main()) == [200] * 50
+    assert fake.token_requests == 1
