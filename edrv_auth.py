@@ -25,13 +25,9 @@ Sections, in the order a request travels through them:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import email.message
-import email.utils
 import functools
 import hashlib
-import http.client
 import json
 import logging
 import math
@@ -43,17 +39,20 @@ import stat
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 
-import filelock
-
+# Only what a warm process needs is imported up front: filelock, urllib.request,
+# argparse and email load on the slow paths that use them (a token request, a
+# lock, the command line), which keeps `import edrv_auth` cheap.
 if TYPE_CHECKING:
+    import email.message
+    import urllib.request
+    from typing import Protocol
+
+    import filelock
     import httpx
     import requests
     from httpx import Auth as _HttpxAuthBase
@@ -574,18 +573,20 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         found = self._usable(self._current, stale)
         if found is not None:
             return found
-        run_sync, make_event = _async_backend()
+        run_sync, make_event, make_lock = _async_backend()
         jobs = self._rt().jobs
         key = (threading.get_ident(), stale)
         job = jobs.get(key)
         if job is not None:
             await job.done.wait()
+            async with job.handoff:
+                pass  # resume the waiters one per loop turn, not all in one long turn
             if job.error is not None:
                 raise job.error
             if job.value is not None:
                 return job.value
             return await self._atoken(stale)  # the leading task was cancelled
-        job = jobs[key] = _Job(make_event())
+        job = jobs[key] = _Job(make_event(), make_lock())
         try:
             job.value = await run_sync(self._token, stale)
         except Exception as exc:
@@ -677,7 +678,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             retry_after: float | None = None
             try:
                 status, headers, body = _post(self._token_url, form, self._timeout)
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:
                 if not _never_connected(exc):
                     sent.append(obtained_at)
                 error = TokenRequestError(
@@ -707,8 +708,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 # ---- Token: immutable value + expiry arithmetic (pure) --------------------
 
 
-@dataclass(frozen=True, repr=False)
-class _Token:
+class _Token(NamedTuple):
     """An access token and when it was obtained and expires (epoch seconds)."""
 
     access_token: str
@@ -762,8 +762,7 @@ class _Token:
         return cls(token, float(obtained), float(expires), scope)
 
 
-@dataclass(frozen=True)
-class _Fresh:
+class _Fresh(NamedTuple):
     """What the hot path reads: a token, its header, and when it stops being usable."""
 
     token: _Token
@@ -778,8 +777,7 @@ class _Fresh:
         return f"_Fresh(refresh_at={self.refresh_at!r})"
 
 
-@dataclass(frozen=True)
-class _State:
+class _State(NamedTuple):
     """What the shared cache holds: the token, and what the rate cap counts.
 
     The cap (contract behaviour 5) counts, in ``requests``, every token request
@@ -822,8 +820,9 @@ class _State:
 class _Job:
     """One in-flight async token job that several tasks wait on."""
 
-    def __init__(self, done: Any) -> None:
+    def __init__(self, done: Any, handoff: Any) -> None:
         self.done = done  # an anyio.Event (or asyncio.Event without anyio)
+        self.handoff = handoff  # an anyio.Lock (or asyncio.Lock)
         self.value: str | None = None
         self.error: Exception | None = None
 
@@ -847,26 +846,27 @@ class _Runtime:
 
 # ---- Shared caches: one small interface, a file and Redis ------------------
 
+if TYPE_CHECKING:  # a typing aid only: no Protocol class to build at import
 
-class _Store(Protocol):
-    """Where processes share the state: the token core talks only to this.
+    class _Store(Protocol):
+        """Where processes share the state: the token core talks only to this.
 
-    ``read`` returns the trusted state or ``None``; ``write`` replaces it, but
-    only while it still holds the token ``replacing`` (compare-and-swap, in one
-    step where the lock alone cannot guarantee it); ``locked`` is the
-    cross-process lock for one token request, raising ``EdrvAuthError`` on
-    timeout. Any method raises ``OSError`` when the store cannot be used.
-    """
+        ``read`` returns the trusted state or ``None``; ``write`` replaces it, but
+        only while it still holds the token ``replacing`` (compare-and-swap, in one
+        step where the lock alone cannot guarantee it); ``locked`` is the
+        cross-process lock for one token request, raising ``EdrvAuthError`` on
+        timeout. Any method raises ``OSError`` when the store cannot be used.
+        """
 
-    label: str
+        label: str
 
-    def read(self) -> _State | None: ...
+        def read(self) -> _State | None: ...
 
-    def write(self, state: _State, replacing: str | None) -> None: ...
+        def write(self, state: _State, replacing: str | None) -> None: ...
 
-    def remove(self) -> None: ...
+        def remove(self) -> None: ...
 
-    def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]: ...
+        def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]: ...
 
 
 def _dump_state(state: _State) -> bytes:
@@ -903,11 +903,15 @@ class _FileCache:
         return {**self.__dict__, "_lock": None}  # a FileLock does not pickle
 
     def make_lock(self) -> filelock.BaseFileLock:
+        import filelock
+
         return filelock.FileLock(self.lock_path, mode=0o600)
 
     @contextlib.contextmanager
     def locked(self, deadline: float) -> Iterator[None]:
         """Hold the lock file beside the cache; a holder that dies releases it."""
+        import filelock
+
         if self._lock is None or self._lock_pid != os.getpid():
             # filelock refuses a lock object inherited across fork(): one per process.
             self._lock, self._lock_pid = self.make_lock(), os.getpid()
@@ -1188,20 +1192,22 @@ def _default_cache_dir() -> Path:
 # ---- Token endpoint: transport and parsing (pure where possible) ----------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect from the token endpoint: the form holds the secret."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Message, bytes]:
     """POST ``form`` to ``url``; return status, headers and (capped) body.
 
     The stdlib client keeps the token request independent of the caller's
     session and of which HTTP library is installed; it honours the usual proxy
-    environment variables.
+    environment variables. It never follows a redirect: the form holds the
+    secret. A malformed answer raises ``ConnectionError``, like a dropped one.
     """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
     request = urllib.request.Request(
         url,
         data=form,
@@ -1212,13 +1218,14 @@ def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Mes
             "User-Agent": f"edrv-auth/{__version__}",
         },
     )
-    opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
             return response.status, response.headers, response.read(_MAX_BODY)
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.headers, exc.read(_MAX_BODY)
+    except http.client.HTTPException as exc:
+        raise ConnectionError(0, f"malformed HTTP answer ({type(exc).__name__})") from exc
 
 
 def _parse_token(
@@ -1296,6 +1303,8 @@ def _retry_after(value: str | None) -> float | None:
     value = value.strip()
     if re.fullmatch(r"[0-9]{1,9}", value):  # str.isdigit() also accepts "²"
         return float(value)
+    import email.utils
+
     with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
         moment = email.utils.parsedate_to_datetime(value)
         return max(float(moment.timestamp()) - _now(), 0.0)
@@ -1503,8 +1512,8 @@ def _describe(exc: BaseException) -> str:
     return _clean(str(text), ())
 
 
-def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any]]:
-    """Worker-thread runner and event factory for the running async library.
+def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:
+    """Worker-thread runner, event and lock factories for the running async library.
 
     anyio (always installed with httpx) serves asyncio and trio alike; plain
     asyncio is the fallback when the file is vendored without it.
@@ -1515,8 +1524,8 @@ def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any]]:
     except ImportError:  # pragma: no cover - exercised in a subprocess test
         import asyncio
 
-        return asyncio.to_thread, asyncio.Event
-    return anyio.to_thread.run_sync, anyio.Event
+        return asyncio.to_thread, asyncio.Event, asyncio.Lock
+    return anyio.to_thread.run_sync, anyio.Event, anyio.Lock
 
 
 # ---- Command line ---------------------------------------------------------
@@ -1529,6 +1538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     eDRV unreachable, a stuck lock); 2 a usage or configuration error (no
     credentials, a bad URL); 130 interrupted.
     """
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m edrv_auth",
         description="Get, inspect or clear the cached eDRV access token.",

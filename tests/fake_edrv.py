@@ -11,6 +11,8 @@ Run it by hand with ``python tests/fake_edrv.py [--port N] [--expires-in S]``.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -23,7 +25,7 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 
 # Refuse absurd bodies instead of trying to hold them in memory.
 MAX_BODY = 64 * 1024 * 1024
@@ -82,6 +84,24 @@ def _parse_token_request(body: bytes, content_type: str) -> dict[str, str]:
     if len(form) != len(pairs):
         raise BadRequest("duplicate form field")
     return form
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """Client credentials sent as HTTP Basic auth (RFC 6749 section 2.3.1), if any."""
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise BadRequest("malformed Basic credentials") from None
+    client_id, colon, client_secret = decoded.partition(":")
+    if not colon:
+        raise BadRequest("malformed Basic credentials")
+    # RFC 6749: both are form-urlencoded before being joined and base64-encoded.
+    return unquote_plus(client_id), unquote_plus(client_secret)
 
 
 def _bearer_token(header: str | None) -> str | None:
@@ -237,6 +257,11 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._lock:
             fake.token_requests += 1
         form = _parse_token_request(self._read_body(), self.headers.get("Content-Type", ""))
+        basic = _basic_credentials(self.headers.get("Authorization"))
+        if basic is not None:
+            if "client_secret" in form:
+                raise BadRequest("client authenticated with more than one method")
+            form = {**form, "client_id": basic[0], "client_secret": basic[1]}
         with fake._lock:
             fake.token_forms.append(form)
             canned = fake._token_queue.popleft() if fake._token_queue else None
