@@ -107,6 +107,16 @@ def fake(leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
 
 
 @pytest.fixture
+def other() -> Iterator[FakeEdrv]:
+    """A second server: another origin (same host 127.0.0.1, another port)."""
+    server = FakeEdrv().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def make_auth(fake: FakeEdrv, clean_env: Path) -> Callable[..., edrv_auth.EdrvAuth]:
     """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
 

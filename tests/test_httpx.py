@@ -42,16 +42,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def other() -> Iterator[FakeEdrv]:
-    """A second fake server: another origin (same host 127.0.0.1, another port)."""
-    server = FakeEdrv().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def client(make_auth: MakeAuth) -> Iterator[httpx.Client]:
     """An httpx.Client authenticated by a fresh EdrvAuth pointed at the fake."""
     with httpx.Client(auth=make_auth(), timeout=10) as c:

@@ -23,16 +23,6 @@ def session() -> Iterator[requests.Session]:
         yield s
 
 
-@pytest.fixture
-def other() -> Iterator[FakeEdrv]:
-    """A second server: another origin (same host, other port)."""
-    server = FakeEdrv().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_first_request_fetches_one_token_and_sends_it(fake: FakeEdrv, make_auth: MakeAuth) -> None:
     """The first call makes one token request and sends `Authorization: Bearer <token>`."""
     auth = make_auth()
