@@ -19,8 +19,9 @@ The file is self-contained: copy it next to a script and it works with whichever
 of requests and httpx is installed (it needs ``filelock``).
 
 Sections, in the order a request travels through them:
-    Errors · EdrvAuth (configuration, adapters) · Token · Token core ·
-    File cache · Token endpoint · Helpers · Command line
+    Errors · EdrvAuth (configuration, adapters, token core, token request) ·
+    Token values · Shared caches (file, Redis) · Token endpoint transport ·
+    Helpers · Command line
 """
 
 from __future__ import annotations
@@ -178,9 +179,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     How the pieces fit:
 
     - ``get_token()`` and ``aget_token()`` return a valid token. Both go through
-      one blocking core, ``_token()``: memory, then the shared cache file (read
-      without a lock, since writes are atomic), then, under a cross-process file
-      lock, at most one token request. The async side runs that same core in a
+      one blocking core, ``_token()``: memory, then the shared cache (the file,
+      or Redis when configured; read without a lock, since writes replace the
+      state whole), then, under the cache's cross-process lock, at most one
+      token request. The async side runs that same core in a
       worker thread, one job per event loop thread, so the loop never waits on a
       lock, a file or the network.
     - ``__call__`` is the requests path: it sets the header and registers a
@@ -253,9 +255,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             f"EdrvAuth(client_id={self._client_id!r}, api_url={self._api_url!r}, cache=[{shared}])"
         )
 
-    # Pickling (multiprocessing spawn) and fork: locks, FileLocks and in-flight
+    # Pickling (multiprocessing spawn) and fork: the thread lock and in-flight
     # jobs belong to one process. They live in `_Runtime`, which pickling drops
-    # and which `_rt()` replaces when it finds itself in a new process.
+    # and which `_rt()` replaces when it finds itself in a new process; the
+    # caches do the same for their FileLock and Redis client.
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
@@ -280,8 +283,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     def get_token(self) -> str:
         """Return a valid access token (or the API key in API-key mode).
 
-        From memory when fresh; else from the shared cache file; else from one
-        token request made on behalf of every process sharing the cache.
+        From memory when fresh; else from the shared cache; else from one token
+        request made on behalf of every process sharing the cache.
 
         Raises:
             TokenRequestError: No token could be obtained.
@@ -477,7 +480,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             f"(set api_url or {_ENV_API_URL} to change the API's address)"
         )
 
-    # ---- Token core: memory -> file -> endpoint, single-flight ------------
+    # ---- Token core: memory -> shared cache -> endpoint, single-flight ----
 
     def _token(self, stale: str | None) -> str:
         """Return a usable token other than ``stale``; the one blocking core.
