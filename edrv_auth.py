@@ -223,6 +223,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._audience = audience
         self._api_url = _checked_url("api_url", api_url)
         self._api_origin = _origin(self._api_url)
+        if self._api_origin[0] == "http" and self._api_origin[2] == 80:
+            # requests and httpx both keep Authorization on a redirect from
+            # http://host to https://host (an "upgrade"): another origin here.
+            raise EdrvAuthError("an http:// api_url needs a port other than 80")
         scheme, host, port = self._api_origin
         netloc = f"[{host}]" if ":" in host else host
         if port != _DEFAULT_PORTS[scheme]:
@@ -232,8 +236,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._api_prefix = f"{scheme}://{netloc}/"
         if not _is_number(refresh_margin) or refresh_margin < 0:
             raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
-        if not _is_number(timeout) or timeout <= 0:
-            raise EdrvAuthError("timeout must be a number of seconds > 0")
+        if not _is_number(timeout) or not 0 < timeout <= _FETCH_DEADLINE:
+            # Longer, and other processes would give up waiting for the lock first.
+            raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
         self._refresh_margin = float(refresh_margin)
         self._timeout = float(timeout)
         directory = cache_dir or _env(_ENV_CACHE_DIR)
@@ -312,11 +317,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """
         if self._api_key is not None:
             return
-        self._current = None
         runtime = self._rt()
-        runtime.state = runtime.state.without_token()
         deadline = time.monotonic() + _LOCK_TIMEOUT
-        with self._thread_lock(runtime, deadline):
+        with self._thread_lock(runtime, deadline):  # after any token request in flight
+            self._current = None
+            runtime.state = runtime.state.without_token()
             for store in self._stores:
                 try:
                     _forget_token(store, deadline)
@@ -336,7 +341,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         r.headers["Authorization"] = self._fresh_header() or f"Bearer {self.get_token()}"
         if self._api_key is None:
             body: object = r.body  # typed bytes | str | None, but files and generators occur
-            if body is None or isinstance(body, (bytes, str)):
+            if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
                 r.hooks["response"].append(self._retry_on_401)
             else:
                 position = _tell(body)
@@ -355,8 +360,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         the new response's history. requests also runs this hook for responses
         to redirected copies of the request, so the decision is made on the
         request that the response answers, and the token to replace is the one
-        that request carried. The re-sent request bypasses hooks, so there is
-        never a second retry.
+        that request carried. All copies share one hook list: the hook disarms
+        itself there on its first retry, so there is never a second one.
         """
         if r.status_code != 401:
             return r
@@ -372,17 +377,31 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             raise
         if fresh == stale:
             return r  # the rate cap kept this token: a resend would fail alike
-        if rewind_to is not None:
-            request.body.seek(rewind_to)  # type: ignore[union-attr]
+        self._disarm(request.hooks["response"])
+        body: object = request.body
+        if rewind_to is not None and hasattr(body, "seek"):  # a 302/303 drops the body
+            body.seek(rewind_to)
         r.content  # noqa: B018 - reading the body frees the connection
         r.close()
+        # The fresh token also goes on `request` itself: requests builds any
+        # redirect that follows from it.
+        request.headers["Authorization"] = f"Bearer {fresh}"
         prepared = request.copy()
         _copy_cookies(prepared, r)
-        prepared.headers["Authorization"] = f"Bearer {fresh}"
         second: requests.Response = r.connection.send(prepared, **kwargs)
         second.history.append(r)
         second.request = prepared
         return second
+
+    def _disarm(self, hooks: list[Callable[..., Any]]) -> None:
+        """Replace this object's retry hook in a request's (shared) hook list.
+
+        Replaced in place rather than removed, since requests may be iterating
+        over the list right now.
+        """
+        for index, hook in enumerate(hooks):
+            if getattr(hook, "func", hook) == self._retry_on_401:
+                hooks[index] = _pass_response
 
     # -- httpx adapters ------------------------------------------------------
 
@@ -527,13 +546,24 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         finally:
             runtime.state = state.after_request(token, stale, sent, now)
             if store is not None:
-                replacing = state.token.access_token if state.token else None
-                try:
-                    store.write(runtime.state, replacing)
-                except OSError as exc:
-                    self._warn_unusable(runtime, store, exc)
+                self._save(runtime, store, runtime.state, state.token)
         self._adopt(token, None)
         return token.access_token
+
+    def _save(
+        self, runtime: _Runtime, store: _Store, state: _State, replacing: _Token | None
+    ) -> None:
+        """Write ``state`` to the locked store, and copy it to the stores after it.
+
+        The copy (say, Redis's state into the file) is what a fallback starts
+        from if the first store goes away: the rate cap's record included.
+        """
+        held = replacing.access_token if replacing else None
+        for target in self._stores[self._stores.index(store) :]:
+            try:
+                target.write(state, held if target is store else None)
+            except OSError as exc:
+                self._warn_unusable(runtime, target, exc)
 
     def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> str:
         held = [state.token, self._current.token if self._current else None]
@@ -673,7 +703,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 "audience": self._audience,
             }
         ).encode()
-        secrets = (self._client_secret or "",)
+        secret = self._client_secret or ""
+        # The form carries the secret URL-encoded: a proxy may echo it that way.
+        secrets = (secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe=""))
         started = time.monotonic()
         for attempt in range(1, attempts + 1):
             _log.debug("requesting a token from %s (attempt %d)", self._token_url, attempt)
@@ -725,11 +757,11 @@ class _Token(NamedTuple):
     def refresh_at(self, margin: float) -> float:
         """When to stop using this token, ``margin`` seconds before expiry.
 
-        A lifetime shorter than the margin would make every token stale at
+        A lifetime no longer than the margin would make every token stale at
         birth, so the margin shrinks to half the lifetime in that case.
         """
         lifetime = self.expires_at - self.obtained_at
-        if lifetime < margin:
+        if lifetime < margin or math.isclose(lifetime, margin):  # equal: stale at birth too
             margin = lifetime / 2
         return self.expires_at - margin
 
@@ -1030,6 +1062,13 @@ class _RedisCache:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise EdrvAuthError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if parts.scheme != "unix":
+            try:
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+            except ValueError:
+                raise EdrvAuthError("redis_url has an invalid port") from None
+            if not parts.hostname:
+                raise EdrvAuthError("redis_url has no host")
         if parts.scheme == "unix":
             self.label = f"unix://{parts.path}"
         else:  # no user name or password: the label goes into logs and reprs
@@ -1054,14 +1093,14 @@ class _RedisCache:
 
         if time.monotonic() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
-        if self._client is None or self._client_pid != os.getpid():
-            self._client = redis.Redis.from_url(
-                self._url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
-            )
-            self._client_pid = os.getpid()
         try:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = redis.Redis.from_url(
+                    self._url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
+                )
+                self._client_pid = os.getpid()
             return operation(self._client)
-        except redis.RedisError as exc:
+        except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
             self._down_until = time.monotonic() + _REDIS_RETRY_AFTER
             raise _RedisDown(type(exc).__name__) from exc
 
@@ -1221,14 +1260,34 @@ def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Mes
             "User-Agent": f"edrv-auth/{__version__}",
         },
     )
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read(_MAX_BODY)
+            return response.status, response.headers, _read_body(response, deadline)
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, exc.headers, exc.read(_MAX_BODY)
+            return exc.code, exc.headers, _read_body(exc, deadline)
     except http.client.HTTPException as exc:
         raise ConnectionError(0, f"malformed HTTP answer ({type(exc).__name__})") from exc
+
+
+def _read_body(response: Any, deadline: float) -> bytes:
+    """Read at most `_MAX_BODY` bytes, giving up at ``deadline``.
+
+    The socket timeout bounds each read, not the whole answer: a server that
+    drips one byte at a time would otherwise hold the lock indefinitely.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size < _MAX_BODY:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the token answer was too slow to arrive")
+        chunk = response.read1(_MAX_BODY - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _parse_token(
@@ -1331,8 +1390,12 @@ def _env(name: str) -> str | None:
 
 
 def _setting(value: str, default: str, variable: str) -> str:
-    """An argument if it differs from its default, else its variable, else the default."""
-    if value != default:
+    """An argument if one was given, else its variable, else the default.
+
+    An argument left out *is* the default object, so identity tells it from the
+    same URL passed explicitly (which then wins over the variable).
+    """
+    if value is not default:
         return value
     return _env(variable) or default
 
@@ -1447,6 +1510,11 @@ def _seekable(file: object) -> bool:
         return bool(seekable()) if callable(seekable) else False
     except (OSError, ValueError):
         return False
+
+
+def _pass_response(r: requests.Response, **kwargs: Any) -> requests.Response:
+    """A disarmed retry hook."""
+    return r
 
 
 def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Response) -> None:
@@ -1606,9 +1674,16 @@ def _status(auth: EdrvAuth) -> str:
     if auth._api_key is not None:
         return f"mode: API key (no token request, no cache)\napi url: {auth._api_url}"
     now = _now()
-    state = auth._cache.read()
+    state, where = None, auth._cache.label
+    for store in auth._stores:  # Redis first when configured, as the core reads
+        try:
+            state, where = store.read(), store.label
+            break
+        except OSError as exc:
+            where = f"{store.label} unusable ({exc.strerror or type(exc).__name__})"
     lines = [
-        f"cache file: {auth._cache.path}" + ("" if state else " (none usable)"),
+        f"cache: {where}" + ("" if state else " (nothing usable cached)"),
+        f"cache file: {auth._cache.path}",
         f"client id: {auth._client_id}",
         f"token url: {auth._token_url}",
     ]

@@ -155,5 +155,5 @@ def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
         cwd=MODULE_DIR,
         check=False,
     )
-    assert result.stdout.startswith("cache file: ")
+    assert result.stdout.startswith("cache: ")
     assert "Traceback" not in result.stderr

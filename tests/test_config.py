@@ -162,17 +162,27 @@ def test_insecure_or_invalid_urls_are_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:9000", "https://x.example"]
+    "url",
+    ["http://127.0.0.1:8080", "http://localhost:81", "http://[::1]:9000", "https://x.example"],
 )
 def test_loopback_http_and_https_are_accepted(url: str) -> None:
     """Plain http is fine on a loopback host, https anywhere."""
     EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url=url, token_url=url + "/oauth/token")
 
 
+def test_http_api_url_on_port_80_is_refused() -> None:
+    """requests and httpx keep the token on an http->https redirect to the same host: refuse it."""
+    with pytest.raises(EdrvAuthError, match="port other than 80"):
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url="http://127.0.0.1")
+    # The token endpoint follows no redirect at all, so port 80 is fine there.
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET, token_url="http://127.0.0.1/oauth/token")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"refresh_margin": -1}, "refresh_margin"),
+        ({"timeout": 26}, "timeout"),
         ({"refresh_margin": float("nan")}, "refresh_margin"),
         ({"timeout": 0}, "timeout"),
         ({"timeout": -5}, "timeout"),

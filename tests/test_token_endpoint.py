@@ -412,7 +412,7 @@ def test_plain_http_to_a_remote_host_is_refused(
 
 @pytest.mark.parametrize("option", ["token_url", "api_url"])
 @pytest.mark.parametrize(
-    "url", ["http://localhost:8080/oauth/token", "http://127.0.0.1/x", "http://[::1]:9/x"]
+    "url", ["http://localhost:8080/oauth/token", "http://127.0.0.1:81/x", "http://[::1]:9/x"]
 )
 def test_plain_http_to_loopback_is_accepted(
     make_auth: MakeAuth, fake: FakeEdrv, option: str, url: str
