@@ -113,6 +113,9 @@ _TOKEN_REQUEST_WINDOW: Final = 60.0
 #: Used when the token endpoint omits `expires_in`; the 401 retry covers a guess
 #: that turns out too long.
 _DEFAULT_EXPIRES_IN: Final = 3600.0
+#: Request times this far in our future still count: machines sharing Redis
+#: disagree a little about the time.
+_CLOCK_SKEW: Final = 30.0
 #: Longer lifetimes are clamped, so a bogus `expires_in` cannot pin a token.
 _MAX_EXPIRES_IN: Final = 30 * 86400.0
 #: Cap on bodies read from the token endpoint and from the cache file.
@@ -830,7 +833,8 @@ class _State(NamedTuple):
     def window(self, now: float) -> tuple[float, ...]:
         """The counted token-request times within the cap's window ending at ``now``."""
         times = (*self.requests, *(() if self.renewed_at is None else (self.renewed_at,)))
-        return tuple(sorted(t for t in times if now - _TOKEN_REQUEST_WINDOW < t <= now + 1))
+        earliest, latest = now - _TOKEN_REQUEST_WINDOW, now + _CLOCK_SKEW
+        return tuple(sorted(t for t in times if earliest < t <= latest))
 
     def after_request(
         self, token: _Token | None, stale: str | None, sent: list[float], now: float
@@ -1019,6 +1023,19 @@ class _FileCache:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete temporary files that a writer killed mid-write left behind.
+
+        Only ours (by name), only regular files, and only old ones: a fresh one
+        may belong to a writer that is still at work.
+        """
+        for leftover in self.directory.glob(f".{self.path.name}.*"):
+            with contextlib.suppress(OSError):
+                info = leftover.lstat()
+                if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > 60:
+                    leftover.unlink()
 
 
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)

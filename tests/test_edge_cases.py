@@ -213,3 +213,25 @@ def test_cap_record_is_mirrored_to_the_file(
         server.stop()
     assert fake.token_requests == 5
     assert edrv_auth._parse_state(fallback._cache.path.read_bytes()) is not None
+
+
+def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """Old temporary files (a writer killed before its rename) go at the next write."""
+    import os
+
+    auth = make_auth()
+    auth._cache.ensure_dir()
+    old = auth._cache.directory / f".{auth._cache.path.name}.4242.deadbeef"
+    fresh = auth._cache.directory / f".{auth._cache.path.name}.4243.cafebabe"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"{")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    auth.get_token()
+    assert not old.exists()
+    assert fresh.exists()  # may still belong to a writer at work
+
+
+def test_request_times_slightly_in_the_future_still_count(clock: Clock) -> None:
+    """Another machine's clock running ahead does not hide its token requests from the cap."""
+    state = edrv_auth._State(None, (clock.now + 10, clock.now + 20), None)
+    assert len(state.window(clock.now)) == 2
