@@ -663,7 +663,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         yield None
 
     def _read_state(self, runtime: _Runtime, stores: Sequence[_Store]) -> _State:
-        """The shared state from the first store that answers, else the one in memory."""
+        """The shared state from the first store that has one, else the one in memory.
+
+        An empty Redis (flushed, restarted) does not hide the state mirrored to
+        the file: a machine reuses its saved token instead of requesting one.
+        """
         for store in stores:
             try:
                 state = store.read()
@@ -673,7 +677,6 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             if state is not None:
                 runtime.state = state
                 return state
-            break
         return runtime.state
 
     def _warn_unusable(self, runtime: _Runtime, store: _Store, exc: OSError) -> None:

@@ -320,3 +320,19 @@ def test_async_tasks_share_one_token_through_redis(
 
     assert asyncio.run(main()) == [200] * 50
     assert fake.token_requests == 1
+
+
+def test_a_flushed_redis_does_not_cost_a_token_request(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str, tmp_path: Path
+) -> None:
+    """After Redis loses its data, a machine reuses the token mirrored to its own file."""
+    import redis
+
+    token = machine(cache_dir=tmp_path / "kept").get_token()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    assert machine(cache_dir=tmp_path / "kept").get_token() == token
+    assert fake.token_requests == 1
