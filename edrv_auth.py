@@ -524,6 +524,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             # safe: a new process with a warm cache never touches the lock.
             found = self._adopt(self._read_state(runtime, self._stores).token, stale)
             if found is not None:
+                _log.debug("using the token in the shared cache (%.0f s left)", self._left())
                 return found
             with self._locked_store(runtime, deadline) as store:
                 state = runtime.state if store is None else self._read_state(runtime, (store,))
@@ -580,6 +581,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
             f"as misuse); the next one is allowed in {wait:.0f} s"
         )
+
+    def _left(self) -> float:
+        current = self._current
+        return current.token.expires_at - _now() if current else 0.0
 
     def _usable(self, current: _Fresh | None, stale: str | None) -> str | None:
         if current is None or current.access_token == stale or _now() >= current.refresh_at:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from conftest import Clock
+from conftest import Clock, LeakWatch
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -147,3 +147,13 @@ def test_state_record_is_bounded(fake: FakeEdrv, make_auth: MakeAuth, clock: Clo
     for i in range(100):
         state = state.after_request(None, None, [clock.now + i], clock.now + i)
     assert len(state.requests) == edrv_auth._MAX_TOKEN_REQUESTS
+
+
+def test_reading_the_shared_cache_is_logged(
+    fake: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch
+) -> None:
+    """The DEBUG log says when a token comes from the shared cache (and never shows it)."""
+    make_auth().get_token()
+    leak_watch.messages.clear()
+    make_auth().get_token()
+    assert any("using the token in the shared cache" in m for m in leak_watch.messages)
