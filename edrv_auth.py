@@ -215,8 +215,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         redis_url: str | None = None,
     ) -> None:
         self._client_id, self._client_secret, self._api_key = _credentials(
-            client_id, client_secret, api_key
+            client_id, _masked(client_secret), _masked(api_key)
         )
+        del client_secret, api_key  # from here on only masked: this frame may raise
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
         token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
@@ -252,7 +253,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         if redis_url and self._api_key is None:
             # Redis is shared by every machine; the file still serves when it is down.
             self._stores = (_RedisCache(redis_url, key), self._cache)
-        self._current: _Fresh | None = None
+        # In API-key mode the key is published once and never reaches a refresh time.
+        self._current: _Fresh | None = self._key_fresh()
         self._runtime = _Runtime()
 
     def __repr__(self) -> str:
@@ -271,12 +273,17 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state["_runtime"] = None
-        state["_current"] = None  # the child reads the shared cache instead
+        state["_current"] = self._key_fresh()  # the child reads the shared cache instead
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._runtime = _Runtime()
+
+    def _key_fresh(self) -> _Fresh | None:
+        if self._api_key is None:
+            return None
+        return _Fresh(_Token(self._api_key, 0.0, math.inf), math.inf)
 
     def _rt(self) -> _Runtime:
         runtime = self._runtime
@@ -298,9 +305,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             TokenRequestError: No token could be obtained.
             EdrvAuthError: The cache lock could not be taken in time.
         """
-        if self._api_key is not None:
-            return self._api_key
-        return self._usable(self._current, None) or self._token(None)
+        return (self._fresh() or self._token(None)).access_token.value
 
     async def aget_token(self) -> str:
         """Like :meth:`get_token`, without blocking the event loop.
@@ -308,9 +313,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         Works under asyncio and trio. Concurrent tasks of one event loop share one
         worker-thread job, hence one token request.
         """
-        if self._api_key is not None:
-            return self._api_key
-        return await self._atoken(None)
+        return (self._fresh() or await self._atoken(None)).access_token.value
 
     def clear(self) -> None:
         """Forget the cached token, in memory and in the shared cache.
@@ -341,7 +344,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             gets no retry hook: on a 401 the caller receives the 401.
         """
         self._check_origin(r.url or "")
-        r.headers["Authorization"] = self._fresh_header() or f"Bearer {self.get_token()}"
+        r.headers["Authorization"] = (self._fresh() or self._token(None)).header
         if self._api_key is None:
             body: object = r.body  # typed bytes | str | None, but files and generators occur
             if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
@@ -369,16 +372,15 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         if r.status_code != 401:
             return r
         request = r.request
-        sent = request.headers.get("Authorization") or ""
-        if not sent.startswith("Bearer ") or not self._should_retry(401, request.url or ""):
+        rejected = _bearer_token(request.headers.get("Authorization"))
+        if rejected is None or not self._should_retry(401, request.url or ""):
             return r
-        stale = sent.removeprefix("Bearer ")
         try:
-            fresh = self._token(stale)
+            fresh = self._token(rejected)
         except BaseException:
             r.close()
             raise
-        if fresh == stale:
+        if fresh.access_token == rejected:
             return r  # the rate cap kept this token: a resend would fail alike
         self._disarm(request.hooks["response"])
         body: object = request.body
@@ -388,7 +390,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         r.close()
         # The fresh token also goes on `request` itself: requests builds any
         # redirect that follows from it.
-        request.headers["Authorization"] = f"Bearer {fresh}"
+        request.headers["Authorization"] = fresh.header
         prepared = request.copy()
         _copy_cookies(prepared, r)
         second: requests.Response = r.connection.send(prepared, **kwargs)
@@ -413,14 +415,13 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         """Authenticate an ``httpx.Client`` request, re-sending it once on a 401."""
         self._check_httpx_origin(request)
-        header = self._fresh_header() or f"Bearer {self.get_token()}"
-        request.headers["Authorization"] = header
+        sent = self._fresh() or self._token(None)
+        request.headers["Authorization"] = sent.header
         response = yield request
         if self._should_retry_httpx(request, response):
-            token = header.removeprefix("Bearer ")
-            fresh = self._token(token)
-            if fresh != token:
-                request.headers["Authorization"] = f"Bearer {fresh}"
+            fresh = self._token(sent.access_token)
+            if fresh.access_token != sent.access_token:
+                request.headers["Authorization"] = fresh.header
                 yield request
 
     async def async_auth_flow(
@@ -428,14 +429,13 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         """Authenticate an ``httpx.AsyncClient`` request without blocking the loop."""
         self._check_httpx_origin(request)
-        header = self._fresh_header() or f"Bearer {await self.aget_token()}"
-        request.headers["Authorization"] = header
+        sent = self._fresh() or await self._atoken(None)
+        request.headers["Authorization"] = sent.header
         response = yield request
         if self._should_retry_httpx(request, response):
-            token = header.removeprefix("Bearer ")
-            fresh = await self._atoken(token)
-            if fresh != token:
-                request.headers["Authorization"] = f"Bearer {fresh}"
+            fresh = await self._atoken(sent.access_token)
+            if fresh.access_token != sent.access_token:
+                request.headers["Authorization"] = fresh.header
                 yield request
 
     def _check_httpx_origin(self, request: httpx.Request) -> None:
@@ -462,14 +462,14 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 
     # -- The one retry policy, and the origin guard --------------------------
 
-    def _fresh_header(self) -> str | None:
-        """The ``Authorization`` value if a fresh token is in memory: the hot path.
+    def _fresh(self) -> _Fresh | None:
+        """The token in memory if it has not reached its refresh time: the hot path.
 
         One attribute read, one clock read and one comparison; no lock, no file.
         """
         current = self._current
         if current is not None and _now() < current.refresh_at:
-            return current.header
+            return current
         return None
 
     def _should_retry(self, status_code: int, url: str) -> bool:
@@ -504,7 +504,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 
     # ---- Token core: memory -> shared cache -> endpoint, single-flight ----
 
-    def _token(self, stale: str | None) -> str:
+    def _token(self, stale: _Secret | None) -> _Fresh:
         """Return a usable token other than ``stale``; the one blocking core.
 
         ``stale`` is a token the API has just rejected. It is replaced only if
@@ -524,7 +524,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             # safe: a new process with a warm cache never touches the lock.
             found = self._adopt(self._read_state(runtime, self._stores).token, stale)
             if found is not None:
-                _log.debug("using the token in the shared cache (%.0f s left)", self._left())
+                _log.debug(
+                    "using the token in the shared cache (%.0f s left)",
+                    found.token.expires_at - _now(),
+                )
                 return found
             with self._locked_store(runtime, deadline) as store:
                 state = runtime.state if store is None else self._read_state(runtime, (store,))
@@ -534,8 +537,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 return self._refresh(runtime, state, stale, store)
 
     def _refresh(
-        self, runtime: _Runtime, state: _State, stale: str | None, store: _Store | None
-    ) -> str:
+        self, runtime: _Runtime, state: _State, stale: _Secret | None, store: _Store | None
+    ) -> _Fresh:
         """Request a new token within the shared rate cap; record and save it."""
         now = _now()
         window = state.window(now)
@@ -551,8 +554,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             runtime.state = state.after_request(token, stale, sent, now)
             if store is not None:
                 self._save(runtime, store, runtime.state, state.token)
-        self._adopt(token, None)
-        return token.access_token
+        return self._publish(token)
 
     def _save(
         self, runtime: _Runtime, store: _Store, state: _State, replacing: _Token | None
@@ -569,12 +571,12 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             except OSError as exc:
                 self._warn_unusable(runtime, target, exc)
 
-    def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> str:
+    def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> _Fresh:
         held = [state.token, self._current.token if self._current else None]
         for token in held:
             if token is not None and now < token.expires_at:
                 _log.debug("token request rate cap reached; keeping the current token")
-                return token.access_token
+                return _Fresh(token, token.refresh_at(self._refresh_margin))
         wait = max(window[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
         raise TokenRequestError(
             f"not requesting a token: {len(window)} token requests in the last "
@@ -582,28 +584,28 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             f"as misuse); the next one is allowed in {wait:.0f} s"
         )
 
-    def _left(self) -> float:
-        current = self._current
-        return current.token.expires_at - _now() if current else 0.0
-
-    def _usable(self, current: _Fresh | None, stale: str | None) -> str | None:
+    def _usable(self, current: _Fresh | None, stale: _Secret | None) -> _Fresh | None:
         if current is None or current.access_token == stale or _now() >= current.refresh_at:
             return None
-        return current.access_token
+        return current
 
-    def _adopt(self, token: _Token | None, stale: str | None) -> str | None:
+    def _adopt(self, token: _Token | None, stale: _Secret | None) -> _Fresh | None:
         """Publish ``token`` for the hot path if it is usable and not ``stale``."""
         if token is None:
             return None
-        fresh = _Fresh(
-            token, token.refresh_at(self._refresh_margin), f"Bearer {token.access_token}"
-        )
-        found = self._usable(fresh, stale)
+        found = self._usable(_Fresh(token, token.refresh_at(self._refresh_margin)), stale)
         if found is not None:
-            self._current = fresh  # one assignment: readers need no lock
+            self._current = found  # one assignment: readers need no lock
         return found
 
-    async def _atoken(self, stale: str | None) -> str:
+    def _publish(self, token: _Token) -> _Fresh:
+        """Publish a token just obtained, even one stale at birth, and return it."""
+        fresh = _Fresh(token, token.refresh_at(self._refresh_margin))
+        if _now() < fresh.refresh_at:
+            self._current = fresh
+        return fresh
+
+    async def _atoken(self, stale: _Secret | None) -> _Fresh:
         """The async face of :meth:`_token`: the same core, in a worker thread.
 
         Tasks of one event loop that need a token at the same time share one job
@@ -710,11 +712,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             {
                 "grant_type": "client_credentials",
                 "client_id": self._client_id or "",
-                "client_secret": self._client_secret or "",
+                "client_secret": self._client_secret.value if self._client_secret else "",
                 "audience": self._audience,
             }
         ).encode()
-        secret = self._client_secret or ""
+        secret = self._client_secret.value if self._client_secret else ""
         # The form carries the secret URL-encoded: a proxy may echo it that way.
         secrets = (secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe=""))
         started = time.monotonic()
@@ -754,16 +756,68 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 # ---- Token: immutable value + expiry arithmetic (pure) --------------------
 
 
-class _Token(NamedTuple):
-    """An access token and when it was obtained and expires (epoch seconds)."""
+class _Secret:
+    """A client secret, API key or token that never shows itself.
 
-    access_token: str
-    obtained_at: float
-    expires_at: float
-    scope: str = ""
+    Error reporters (Sentry, Rollbar, ``traceback`` with ``capture_locals``)
+    collect the local variables of every frame of a raised error and walk
+    strings, bytes, tuples, lists and dicts field by field; anything else they
+    show by its ``repr``. Secrets therefore travel inside this object and are
+    unwrapped (``.value``) only inside the expression that builds a header or
+    the token request's form, never into a local variable.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __reduce__(self) -> tuple[type[_Secret], tuple[str]]:
+        return _Secret, (self.value,)
+
+
+class _Token:
+    """An access token and when it was obtained and expires (epoch seconds).
+
+    A plain class rather than a tuple: error reporters walk tuples field by field.
+    """
+
+    __slots__ = ("access_token", "expires_at", "obtained_at", "scope")
+
+    def __init__(
+        self, access_token: _Secret, obtained_at: float, expires_at: float, scope: str = ""
+    ) -> None:
+        self.access_token = access_token
+        self.obtained_at = obtained_at
+        self.expires_at = expires_at
+        self.scope = scope
 
     def __repr__(self) -> str:
         return f"_Token(access_token='***', expires_at={self.expires_at!r}, scope={self.scope!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Token) and (
+            self.access_token,
+            self.obtained_at,
+            self.expires_at,
+            self.scope,
+        ) == (other.access_token, other.obtained_at, other.expires_at, other.scope)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def refresh_at(self, margin: float) -> float:
         """When to stop using this token, ``margin`` seconds before expiry.
@@ -778,7 +832,7 @@ class _Token(NamedTuple):
 
     def to_json(self) -> dict[str, object]:
         return {
-            "access_token": self.access_token,
+            "access_token": self.access_token.value,
             "obtained_at": self.obtained_at,
             "expires_at": self.expires_at,
             "scope": self.scope,
@@ -788,15 +842,14 @@ class _Token(NamedTuple):
     def from_json(cls, data: object) -> _Token | None:
         if not isinstance(data, dict):
             return None
-        token, obtained, expires, scope = (
-            data.get("access_token"),
+        obtained, expires, scope = (
             data.get("obtained_at"),
             data.get("expires_at"),
             data.get("scope", ""),
         )
         if (
-            not isinstance(token, str)
-            or not _TOKEN_CHARS.fullmatch(token)
+            not isinstance(data.get("access_token"), str)
+            or not _TOKEN_CHARS.fullmatch(data["access_token"])
             or not isinstance(obtained, (int, float))
             or not isinstance(expires, (int, float))
             or not _is_number(obtained)
@@ -805,18 +858,21 @@ class _Token(NamedTuple):
             or not isinstance(scope, str)
         ):
             return None
-        return cls(token, float(obtained), float(expires), scope)
+        return cls(_Secret(data["access_token"]), float(obtained), float(expires), scope)
 
 
-class _Fresh(NamedTuple):
+class _Fresh:
     """What the hot path reads: a token, its header, and when it stops being usable."""
 
-    token: _Token
-    refresh_at: float
-    header: str
+    __slots__ = ("header", "refresh_at", "token")
+
+    def __init__(self, token: _Token, refresh_at: float) -> None:
+        self.token = token
+        self.refresh_at = refresh_at
+        self.header = f"Bearer {token.access_token.value}"
 
     @property
-    def access_token(self) -> str:
+    def access_token(self) -> _Secret:
         return self.token.access_token
 
     def __repr__(self) -> str:
@@ -845,7 +901,7 @@ class _State(NamedTuple):
         return tuple(sorted(t for t in times if earliest < t <= latest))
 
     def after_request(
-        self, token: _Token | None, stale: str | None, sent: list[float], now: float
+        self, token: _Token | None, stale: _Secret | None, sent: list[float], now: float
     ) -> _State:
         """The state after a token request that sent ``sent`` attempts.
 
@@ -870,7 +926,7 @@ class _Job:
     def __init__(self, done: Any, handoff: Any) -> None:
         self.done = done  # an anyio.Event (or asyncio.Event without anyio)
         self.handoff = handoff  # an anyio.Lock (or asyncio.Lock)
-        self.value: str | None = None
+        self.value: _Fresh | None = None
         self.error: Exception | None = None
 
 
@@ -886,7 +942,7 @@ class _Runtime:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.jobs: dict[tuple[int, str | None], _Job] = {}
+        self.jobs: dict[tuple[int, _Secret | None], _Job] = {}
         self.state = _State()  # the last known shared state; all we have without a cache
         self.warned: set[str] = set()  # caches already reported unusable
 
@@ -909,7 +965,7 @@ if TYPE_CHECKING:  # a typing aid only: no Protocol class to build at import
 
         def read(self) -> _State | None: ...
 
-        def write(self, state: _State, replacing: str | None) -> None: ...
+        def write(self, state: _State, replacing: _Secret | None) -> None: ...
 
         def remove(self) -> None: ...
 
@@ -1007,13 +1063,12 @@ class _FileCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def write(self, state: _State, replacing: str | None = None) -> None:
+    def write(self, state: _State, replacing: _Secret | None = None) -> None:
         """Atomically replace the cache file with ``state``.
 
         The lock file, which only a live process can hold, already makes the
         read-compare-write under it atomic, so ``replacing`` needs no check.
         """
-        data = _dump_state(state)
         self.ensure_dir()
         temporary = self.directory / f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
@@ -1022,7 +1077,7 @@ class _FileCache:
             try:
                 if hasattr(os, "fchmod"):  # Breakpoint: Windows has no fchmod
                     os.fchmod(fd, 0o600)  # a umask can only remove bits; make it exact
-                os.write(fd, data)
+                os.write(fd, _dump_state(state))  # no local: the state holds the token
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -1138,14 +1193,21 @@ class _RedisCache:
             _log.debug("ignoring the Redis cache %s: not a valid token cache", self.label)
         return state
 
-    def write(self, state: _State, replacing: str | None) -> None:
+    def write(self, state: _State, replacing: _Secret | None) -> None:
         now = _now()
         useful_until = max((*state.window(now), -math.inf)) + _TOKEN_REQUEST_WINDOW
         if state.token is not None:
             useful_until = max(useful_until, state.token.expires_at)
         ttl_ms = max(int((useful_until - now) * 1000), 1000)
         swapped = self._call(
-            lambda r: r.eval(_REDIS_SWAP, 1, self.key, replacing or "", _dump_state(state), ttl_ms)
+            lambda r: r.eval(
+                _REDIS_SWAP,
+                1,
+                self.key,
+                replacing.value if replacing else "",
+                _dump_state(state),
+                ttl_ms,
+            )
         )
         if not swapped:
             _log.debug("the Redis cache changed meanwhile; not overwriting it")
@@ -1348,7 +1410,7 @@ def _parse_token(
     scope = data.get("scope")
     scope = _clean(scope, secrets, limit=1000) if isinstance(scope, str) else ""
     lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
-    token = _Token(access_token, obtained_at, obtained_at + lifetime, scope)
+    token = _Token(_Secret(access_token), obtained_at, obtained_at + lifetime, scope)
     _log.debug("obtained a token valid for %.0f s (scope %r)", lifetime, token.scope)
     return token
 
@@ -1426,23 +1488,23 @@ def _setting(value: str, default: str, variable: str) -> str:
 
 
 def _credentials(
-    client_id: str | None, client_secret: str | None, api_key: str | None
-) -> tuple[str | None, str | None, str | None]:
+    client_id: str | None, client_secret: _Secret | None, api_key: _Secret | None
+) -> tuple[str | None, _Secret | None, _Secret | None]:
     """Decide the mode and its credentials; explicit arguments win.
 
     When any credential is given as an argument, the mode is the one those
     arguments choose and the environment only fills in the other half of a client
-    id/secret pair. Otherwise everything comes from the environment.
+    id/secret pair. Otherwise everything comes from the environment. Secrets
+    arrive masked and are read from the environment masked: this frame may raise.
     """
     if api_key is not None or client_id is not None or client_secret is not None:
         if api_key is None:
             client_id = client_id or _env(_ENV_CLIENT_ID)
-            client_secret = client_secret or _env(_ENV_CLIENT_SECRET)
+            client_secret = client_secret or _env_secret(_ENV_CLIENT_SECRET)
     else:
-        client_id, client_secret = _env(_ENV_CLIENT_ID), _env(_ENV_CLIENT_SECRET)
-        api_key = _env(_ENV_API_KEY)
-    has_client = bool(client_id or client_secret)
-    if api_key and has_client:
+        client_id, client_secret = _env(_ENV_CLIENT_ID), _env_secret(_ENV_CLIENT_SECRET)
+        api_key = _env_secret(_ENV_API_KEY)
+    if api_key and (client_id or client_secret):
         raise EdrvAuthError(
             f"give either an API key ({_ENV_API_KEY}) or client credentials "
             f"({_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET}), not both"
@@ -1451,8 +1513,11 @@ def _credentials(
         return None, None, api_key
     missing = [
         name
-        for name, value in ((_ENV_CLIENT_ID, client_id), (_ENV_CLIENT_SECRET, client_secret))
-        if not value
+        for name, given in (
+            (_ENV_CLIENT_ID, bool(client_id)),
+            (_ENV_CLIENT_SECRET, bool(client_secret)),
+        )
+        if not given
     ]
     if len(missing) == 2:
         raise EdrvAuthError(
@@ -1462,6 +1527,16 @@ def _credentials(
     if missing:
         raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
     return client_id, client_secret, None
+
+
+def _env_secret(name: str) -> _Secret | None:
+    """A secret environment variable, masked; empty means unset."""
+    return _Secret(os.environ[name]) if os.environ.get(name) else None
+
+
+def _masked(value: str | None) -> _Secret | None:
+    """An argument's secret, masked (an empty one stays falsy, like an empty variable)."""
+    return None if value is None else _Secret(value)
 
 
 def _checked_url(name: str, url: str) -> str:
@@ -1535,6 +1610,13 @@ def _seekable(file: object) -> bool:
         return bool(seekable()) if callable(seekable) else False
     except (OSError, ValueError):
         return False
+
+
+def _bearer_token(header: str | None) -> _Secret | None:
+    """The token in a ``Bearer`` header, masked for the frames that may raise next."""
+    if header is None or not header.startswith("Bearer "):
+        return None
+    return _Secret(header.removeprefix("Bearer "))
 
 
 def _pass_response(r: requests.Response, **kwargs: Any) -> requests.Response:

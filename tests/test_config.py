@@ -44,7 +44,7 @@ def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     auth = EdrvAuth()
     assert (auth._client_id, auth._client_secret, auth._api_key) == (
         CLIENT_ID,
-        CLIENT_SECRET,
+        edrv_auth._Secret(CLIENT_SECRET),
         None,
     )
 
@@ -53,7 +53,7 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """With only EDRV_API_KEY set, the object is in API-key mode."""
     monkeypatch.setenv("EDRV_API_KEY", API_KEY)
     auth = EdrvAuth()
-    assert auth._api_key == API_KEY
+    assert auth._api_key == edrv_auth._Secret(API_KEY)
     assert auth.get_token() == API_KEY
 
 
@@ -62,7 +62,10 @@ def test_explicit_argument_wins_over_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("EDRV_CLIENT_ID", "test-env-client-id")
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     auth = EdrvAuth("test-arg-client-id")
-    assert (auth._client_id, auth._client_secret) == ("test-arg-client-id", CLIENT_SECRET)
+    assert (auth._client_id, auth._client_secret) == (
+        "test-arg-client-id",
+        edrv_auth._Secret(CLIENT_SECRET),
+    )
 
 
 def test_explicit_api_key_ignores_client_credentials_in_environment(
@@ -72,7 +75,7 @@ def test_explicit_api_key_ignores_client_credentials_in_environment(
     monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     auth = EdrvAuth(api_key=API_KEY)
-    assert (auth._api_key, auth._client_id) == (API_KEY, None)
+    assert (auth._api_key, auth._client_id) == (edrv_auth._Secret(API_KEY), None)
 
 
 def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,10 +210,11 @@ def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch) -> None:
 
 def test_token_values_hide_the_token() -> None:
     """The internal token value never shows the token in its repr."""
-    token = edrv_auth._Token("test-token-value", 0.0, 10.0, "read:x")
+    token = edrv_auth._Token(edrv_auth._Secret("test-token-value"), 0.0, 10.0, "read:x")
     assert "test-token-value" not in repr(token)
-    fresh = edrv_auth._Fresh(token, 5.0, "Bearer test-token-value")
+    fresh = edrv_auth._Fresh(token, 5.0)
     assert "test-token-value" not in repr(fresh)
+    assert "test-token-value" not in f"{token.access_token} {token.access_token!r}"
 
 
 def test_errors_pickle_with_their_attributes() -> None:

@@ -78,7 +78,7 @@ def _assert_holds_good_token(auth: edrv_auth.EdrvAuth, token: str) -> None:
     state = auth._cache.read()
     assert state is not None
     assert state.token is not None
-    assert state.token.access_token == token
+    assert state.token.access_token.value == token
 
 
 # ---- modes, laziness, contents --------------------------------------------
@@ -182,7 +182,10 @@ def test_concurrent_reader_never_sees_half_a_file(make_auth: MakeAuth) -> None:
     cache = make_auth()._cache
     now = time.time()
     tokens = ("fake-token-reader-writer-a" * 40, "fake-token-reader-writer-b")
-    states = [edrv_auth._State(edrv_auth._Token(t, now, now + 3600, "s"), (now,)) for t in tokens]
+    states = [
+        edrv_auth._State(edrv_auth._Token(edrv_auth._Secret(t), now, now + 3600, "s"), (now,))
+        for t in tokens
+    ]
     cache.write(states[0])
     stop = threading.Event()
     errors: list[BaseException] = []

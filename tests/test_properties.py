@@ -274,8 +274,8 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
         expected = edrv_auth._parse_state(raw)
         assert auth._cache.read() == expected
         token = expected.token if expected else None
-        if token is not None and token.access_token.startswith("planted-"):
-            leak_watch.secrets.add(token.access_token)  # distinctive enough to search logs for
+        if token is not None and token.access_token.value.startswith("planted-"):
+            leak_watch.secrets.add(token.access_token.value)  # distinctive: searched for in logs
         recent = expected.window(NOW) if expected else ()  # what the storm cap counts
         result = _outcome(auth)
         if isinstance(result, EdrvAuthError):
@@ -289,12 +289,12 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
             assert fake.token_requests == 0
             seen["capped, error"] += 1
         elif token is not None and token.refresh_at(MARGIN) > NOW:
-            assert (result, fake.token_requests) == (token.access_token, 0)
+            assert (result, fake.token_requests) == (token.access_token.value, 0)
             seen["planted, fresh"] += 1
         elif len(recent) >= edrv_auth._MAX_TOKEN_REQUESTS:
             assert token is not None
             assert token.expires_at > NOW
-            assert (result, fake.token_requests) == (token.access_token, 0)
+            assert (result, fake.token_requests) == (token.access_token.value, 0)
             seen["capped, planted kept"] += 1
         else:
             assert result in fake.issued_tokens
