@@ -214,10 +214,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         timeout: float = 10.0,
         redis_url: str | None = None,
     ) -> None:
-        self._client_id, self._client_secret, self._api_key = _credentials(
-            client_id, _masked(client_secret), _masked(api_key)
-        )
-        del client_secret, api_key  # from here on only masked: this frame may raise
+        # Only masked secrets from here on: this frame may raise.
+        secret, key = _masked(client_secret), _masked(api_key)
+        del client_secret, api_key
+        self._client_id, self._client_secret, self._api_key = _credentials(client_id, secret, key)
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
         token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)

