@@ -1,16 +1,17 @@
 """edrv_auth: authentication for the eDRV API with requests and httpx.
 
-One object, :class:`EdrvAuth`, fetches an eDRV access token when it is first
-needed, saves it in a private per-user cache file that every process on the
-machine shares, refreshes it shortly before it expires, and renews it once,
-transparently, when the API answers ``401 jwt expired``. eDRV treats excessive
-token requests as misuse, so the whole module is built around asking for as few
+One object, :class:`EdrvAuth`, authenticates requests to the eDRV API. With an
+eDRV API key it sends the key. With client credentials it fetches an access
+token when first needed, saves it in a private per-user cache file that every
+process on the machine shares, refreshes it shortly before it expires, and
+renews it once, transparently, when the API answers ``401 jwt expired``. eDRV
+treats excessive token requests as misuse, so the module asks for as few
 tokens as possible::
 
     import requests, httpx
     from edrv_auth import EdrvAuth
 
-    auth = EdrvAuth()                      # $EDRV_CLIENT_ID / $EDRV_CLIENT_SECRET
+    auth = EdrvAuth()   # $EDRV_API_KEY, or $EDRV_CLIENT_ID and $EDRV_CLIENT_SECRET
     requests.get("https://api.edrv.io/v1.1/chargestations", auth=auth)
     with httpx.Client(auth=auth) as client:
         client.get("https://api.edrv.io/v1.1/chargestations")
@@ -95,7 +96,7 @@ _ENV_API_URL: Final = "EDRV_API_URL"
 _ENV_CACHE_DIR: Final = "EDRV_AUTH_CACHE_DIR"
 _ENV_REDIS_URL: Final = "EDRV_AUTH_REDIS_URL"
 
-#: Longest wait for the token cache lock, in seconds (contract: 30 s at most).
+#: Longest wait for the token cache lock, in seconds.
 _LOCK_TIMEOUT = 30.0
 #: A token request, retries and backoff included, gives up before this many
 #: seconds so that a waiting process never times out on a healthy holder.
@@ -106,7 +107,7 @@ _BACKOFF_BASE: Final = 0.5
 _BACKOFF_CAP: Final = 5.0
 #: A `Retry-After` longer than this is not waited for: the request fails now.
 _RETRY_AFTER_CAP: Final = 10.0
-#: Storm cap (contract behaviour 5): token requests per window, per credential
+#: Storm cap: token requests per window, per credential
 #: set, counted in the shared cache across every process.
 _MAX_TOKEN_REQUESTS: Final = 5
 _TOKEN_REQUEST_WINDOW: Final = 60.0
@@ -174,31 +175,67 @@ class TokenRequestError(EdrvAuthError):
 class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     """Bearer authentication for the eDRV API, for requests and httpx.
 
-    Pass one instance as ``auth=`` to ``requests`` (it is a
-    ``requests.auth.AuthBase``), to ``httpx.Client`` and to
-    ``httpx.AsyncClient`` (it is an ``httpx.Auth``). One instance may serve any
-    number of threads, event loops and forked processes at once.
+    Pass one instance as ``auth=`` to ``requests``, ``httpx.Client`` or
+    ``httpx.AsyncClient``; it adds ``Authorization: Bearer ...`` to every
+    request for the eDRV API and refuses to send it anywhere else::
 
-    How the pieces fit:
+        auth = EdrvAuth(api_key="...")          # or $EDRV_API_KEY
+        auth = EdrvAuth()                       # or $EDRV_CLIENT_ID / $EDRV_CLIENT_SECRET
+        requests.get("https://api.edrv.io/v1.1/chargestations", auth=auth)
 
-    - ``get_token()`` and ``aget_token()`` return a valid token. Both go through
-      one blocking core, ``_token()``: memory, then the shared cache (the file,
-      or Redis when configured; read without a lock, since writes replace the
-      state whole), then, under the cache's cross-process lock, at most one
-      token request. The async side runs that same core in a
-      worker thread, one job per event loop thread, so the loop never waits on a
-      lock, a file or the network.
-    - ``__call__`` is the requests path: it sets the header and registers a
-      response hook that re-sends the request once on a 401.
-    - ``sync_auth_flow`` / ``async_auth_flow`` are the httpx paths. They do the
-      same, and differ only in how they obtain a token.
-    - On a 401 the rejected token is handed back to the core, which replaces it
-      only if the cache still holds it, and never asks eDRV for more than
-      ``5`` tokens a minute per credential set, across all processes.
+    With an API key, the key is the bearer token: nothing else happens. With
+    client credentials, the access token is requested when first needed,
+    saved in a private per-user cache file that every process on the machine
+    shares (or in Redis, for many machines), replaced shortly before it
+    expires, and renewed once, transparently, when the API answers ``401``.
+    Any number of threads and processes starting together make one token
+    request, and never more than 5 a minute per client id.
 
-    Construction sends nothing and writes nothing; see ``CONTRACT.md`` and the
-    README for every argument and environment variable.
+    One instance may serve any number of threads, event loops (asyncio or
+    trio) and processes: it pickles, and keeps working in a forked child.
+
+    Args:
+        client_id: The eDRV client id. Default: ``$EDRV_CLIENT_ID``.
+        client_secret: The eDRV client secret. Default: ``$EDRV_CLIENT_SECRET``.
+        api_key: An eDRV API key, instead of client credentials.
+            Default: ``$EDRV_API_KEY``.
+        token_url: The token endpoint. Default: ``$EDRV_TOKEN_URL``, else
+            ``https://auth.edrv.io/oauth/token``.
+        audience: The ``audience`` of the token request. Default:
+            ``$EDRV_AUDIENCE``, else ``https://api.edrv.io``.
+        api_url: The only origin (scheme, host, port) that ever receives the
+            token. Default: ``$EDRV_API_URL``, else ``https://api.edrv.io``.
+        cache_dir: The folder of the shared token file. Default:
+            ``$EDRV_AUTH_CACHE_DIR``, else the user's cache folder
+            (``~/.cache/edrv_auth`` on Linux).
+        refresh_margin: Seconds before expiry at which a token is replaced.
+        timeout: Seconds for one token request attempt, its whole answer
+            included (at most 25).
+        redis_url: Share the token across machines through Redis
+            (``pip install 'edrv-auth[redis]'``). Default:
+            ``$EDRV_AUTH_REDIS_URL``.
+
+    An argument you pass wins over its environment variable; an empty
+    variable counts as unset. Creating the object sends nothing and writes
+    nothing.
+
+    Raises:
+        EdrvAuthError: At construction, for missing or conflicting credentials
+            (give either an API key or a client id and secret), or a URL that
+            is not ``https://`` (``http://`` only on a loopback host) or holds
+            a user name or password. At request time, for a request to another
+            origin than ``api_url``. ``get_token`` raises the subclass
+            ``TokenRequestError`` when eDRV gives no token.
     """
+
+    # Maintainers: get_token(), aget_token() and the three adapters (__call__
+    # for requests, sync_auth_flow and async_auth_flow for httpx) all go through
+    # one blocking core, _token(): memory, then the shared cache read without a
+    # lock (writes replace it whole), then, under the cache's cross-process
+    # lock, at most one token request. The async side runs that same core in a
+    # worker thread, one job per event loop, so the loop never waits on a lock,
+    # a file or the network. On a 401 the rejected token goes back to the core,
+    # which replaces it only if the cache still holds it, within the storm cap.
 
     def __init__(
         self,
@@ -298,8 +335,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     def get_token(self) -> str:
         """Return a valid access token (or the API key in API-key mode).
 
-        From memory when fresh; else from the shared cache; else from one token
-        request made on behalf of every process sharing the cache.
+        The token comes from memory when fresh, else from the shared cache,
+        else from one token request made on behalf of every process sharing
+        the cache. Use it for clients other than requests and httpx.
 
         Raises:
             TokenRequestError: No token could be obtained.
@@ -882,7 +920,7 @@ class _Fresh:
 class _State(NamedTuple):
     """What the shared cache holds: the token, and what the rate cap counts.
 
-    The cap (contract behaviour 5) counts, in ``requests``, every token request
+    The storm cap counts, in ``requests``, every token request
     except a renewal: the successful replacement of a token that reached its
     refresh time. Renewals need no cap, since single-flight allows one per token
     lifetime, and capping them would break short-lived tokens. Only the latest
