@@ -170,6 +170,7 @@ def test_usage_error_exits_2() -> None:
     assert "invalid choice" in result.stderr
 
 
+@pytest.mark.posix_only  # a bash pipe
 def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
     """`status | head -1` ends without a BrokenPipeError traceback."""
     result = subprocess.run(

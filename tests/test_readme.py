@@ -73,6 +73,7 @@ def test_python_snippet_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, index: i
         assert fake_env.api_401s == 0
 
 
+@pytest.mark.posix_only  # the README's shell lines are for a POSIX shell
 @pytest.mark.parametrize("line", shell_lines())
 def test_shell_line_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, line: str) -> None:
     """The README's shell command runs, exit status 0, against the fake."""
