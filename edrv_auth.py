@@ -1757,7 +1757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m edrv_auth",
+        prog="python -m edrv_auth"
+        if getattr(sys.modules["__main__"].__spec__, "name", "").startswith("edrv_auth")
+        else None,
         description="Get, inspect or clear the cached eDRV access token.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configuration:\n"

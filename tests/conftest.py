@@ -10,7 +10,9 @@ issued.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +48,19 @@ _CLEARED_NAMES = (
     "CURL_CA_BUNDLE",
     "SSL_CERT_FILE",
 )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, saying why, the tests this platform cannot run (markers in pyproject.toml)."""
+    if item.get_closest_marker("posix_only") and os.name != "posix":
+        pytest.skip("needs POSIX file modes, signals or a POSIX shell")
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if item.get_closest_marker("needs_fork") and not fork:
+        pytest.skip("needs os.fork()")
+    # CI on Linux installs redis-server: there its absence fails the test instead.
+    ci_linux = bool(os.environ.get("CI")) and sys.platform.startswith("linux")
+    if item.get_closest_marker("needs_redis") and not shutil.which("redis-server") and not ci_linux:
+        pytest.skip("needs redis-server on PATH")
 
 
 @pytest.fixture(autouse=True)

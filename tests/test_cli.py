@@ -138,6 +138,31 @@ def test_help_for_each_command() -> None:
         assert f"python -m edrv_auth {command}" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("spelling", "usage"),
+    [("module", "usage: python -m edrv_auth "), ("script", "usage: edrv-auth ")],
+)
+def test_help_names_the_command_as_invoked(tmp_path: Path, spelling: str, usage: str) -> None:
+    """`--help` shows `python -m edrv_auth` or `edrv-auth`, whichever the user typed."""
+    if spelling == "module":
+        result = run_cli("--help")
+    else:  # what pip's `edrv-auth` console script does
+        script = tmp_path / "edrv-auth"
+        script.write_text("import sys\nfrom edrv_auth import main\nsys.exit(main())\n")
+        env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
+        result = subprocess.run(
+            [sys.executable, str(script), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(usage)
+
+
 def test_usage_error_exits_2() -> None:
     """An unknown command is a usage error (exit 2), not a crash."""
     result = run_cli("bogus")
@@ -145,6 +170,7 @@ def test_usage_error_exits_2() -> None:
     assert "invalid choice" in result.stderr
 
 
+@pytest.mark.posix_only  # a bash pipe
 def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
     """`status | head -1` ends without a BrokenPipeError traceback."""
     result = subprocess.run(

@@ -14,7 +14,7 @@ from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
 
 
 def test_public_names() -> None:
-    """The module exports exactly the three contract names and a literal version."""
+    """The module exports exactly the three public names and a literal version."""
     assert edrv_auth.__all__ == ["EdrvAuth", "EdrvAuthError", "TokenRequestError"]
     assert issubclass(TokenRequestError, EdrvAuthError)
     assert issubclass(EdrvAuthError, Exception)

@@ -1,4 +1,4 @@
-"""Edge cases found by reviewing the module against the contract, each once a defect."""
+"""Edge cases found by reviewing the module against its guarantees, each once a defect."""
 
 from __future__ import annotations
 
@@ -186,6 +186,7 @@ def test_invalid_redis_port_is_refused_at_construction() -> None:
         EdrvAuth(CLIENT_ID, "test-secret", redis_url="redis://127.0.0.1:notaport/0")
 
 
+@pytest.mark.needs_redis
 def test_cap_record_is_mirrored_to_the_file(
     fake: FakeEdrv, make_auth: MakeAuth, tmp_path: Path, clean_env: Path
 ) -> None:

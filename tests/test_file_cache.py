@@ -1,4 +1,4 @@
-"""The token cache file (CONTRACT.md behaviour 6), with real files, locks and threads.
+"""The token cache file, with real files, locks and threads.
 
 Every test talks to the loopback fake through ``EdrvAuth.get_token()`` and looks at
 what really landed on disk: modes with ``os.stat``, contents with ``json.loads``,
@@ -27,6 +27,8 @@ from conftest import CLIENT_ID, CLIENT_SECRET, Clock
 from fake_edrv import FakeEdrv
 
 import edrv_auth
+
+pytestmark = pytest.mark.posix_only  # file modes, owners, symlinks and FIFOs
 
 MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 

@@ -1,6 +1,6 @@
 """The httpx adapters (Client, and AsyncClient under asyncio and trio) against the loopback fake.
 
-Every contract behaviour that a user of ``httpx`` relies on: laziness, one token for many
+Every README guarantee that a user of ``httpx`` relies on: laziness, one token for many
 requests and tasks, one retry on 401 (never for a streamed body, never twice), the storm cap,
 origin pinning across redirects, API-key mode, and an event loop that never blocks.
 """

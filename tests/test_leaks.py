@@ -1,4 +1,4 @@
-"""The secret-leak sweep (CONTRACT.md behaviour 8): every path, every place a secret could land.
+"""The secret-leak sweep: every path, every place a secret could land.
 
 Each test drives one path through the real adapters against the loopback fake, with the root
 logger at DEBUG and a handler on it, so that every logger is captured: ``edrv_auth`` (also
@@ -404,6 +404,7 @@ def test_malformed_200_bodies_holding_the_secret_leak_nothing(
 # ---- cache file --------------------------------------------------------------------------
 
 
+@pytest.mark.posix_only  # a file writable by others
 def test_corrupt_or_untrusted_cache_file_leaks_nothing(
     make_auth: MakeAuth, fake: FakeEdrv, sweep: Sweep
 ) -> None:

@@ -1,4 +1,4 @@
-"""Cross-process behaviour (CONTRACT.md 2, 4, 5, 6, 12) with real processes against the fake.
+"""Cross-process behaviour with real processes against the fake.
 
 The fake eDRV runs in the pytest process; children (scripts running ``tests/_proc_worker.py``,
 ``multiprocessing`` spawn pools, forked children) call it over loopback HTTP, and the tests
@@ -35,6 +35,8 @@ import edrv_auth
 from edrv_auth import EdrvAuthError, TokenRequestError
 
 WORKER = Path(__file__).with_name("_proc_worker.py")
+
+pytestmark = pytest.mark.posix_only  # SIGKILL and SIGSTOP the workers
 
 #: Python 3.12+ warns that fork() in a threaded process (the fake's threads) may deadlock.
 fork_ok = pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")
@@ -322,6 +324,7 @@ def child_clear_and_get(auth: edrv_auth.EdrvAuth, writer: Connection) -> None:
 
 
 @fork_ok
+@pytest.mark.needs_fork
 def test_forked_child_reuses_inherited_token(
     fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
 ) -> None:
@@ -337,6 +340,7 @@ def test_forked_child_reuses_inherited_token(
 
 
 @fork_ok
+@pytest.mark.needs_fork
 def test_thread_lock_held_at_fork_does_not_deadlock_child(
     fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
 ) -> None:
@@ -368,6 +372,7 @@ def test_thread_lock_held_at_fork_does_not_deadlock_child(
 
 
 @fork_ok
+@pytest.mark.needs_fork
 def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
     fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
 ) -> None:

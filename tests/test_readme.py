@@ -2,7 +2,7 @@
 
 Python blocks run as scripts, with `https://api.edrv.io` pointed at the fake.
 Shell blocks run line by line, except the commands that install packages or run
-the test suite and benchmarks, which CI itself runs.
+the test suite, the try-out and benchmarks, which CI itself runs.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ MODULE_DIR = Path(edrv_auth.__file__).resolve().parent
 if MODULE_DIR.name == "edrv_auth":  # the installed package: import it from site-packages
     MODULE_DIR = MODULE_DIR.parent
 
-#: Shell lines not run here: installing, and running the suite or the benchmarks.
-NOT_RUN = re.compile(r"^(pip |python -m (venv|pytest|pip)|\. |python benchmarks/)")
+#: Shell lines not run here: installing, and running the suite, nox or the benchmarks.
+NOT_RUN = re.compile(r"^(pip |python3? -m (venv|pytest|pip)|\. |python benchmarks/|nox)")
 
 
 def blocks(language: str) -> list[str]:
@@ -58,7 +58,16 @@ def test_readme_has_the_snippets_users_copy() -> None:
     assert "requests.get(" in python[0]
     assert "httpx.Client(" in python[1]
     assert "httpx.AsyncClient(" in python[2]
-    assert any(line.startswith("curl ") for line in shell_lines())
+    assert any("curl " in line for line in shell_lines())
+
+
+def test_readme_starts_with_the_two_newcomer_commands() -> None:
+    """The first shell block is two lines: set up and run the try-out, set up and run the tests."""
+    tryout, tests = blocks("sh")[0].splitlines()
+    assert tryout.startswith("python3 -m venv ")
+    assert tryout.endswith(" examples/tryout.py")
+    assert tests.startswith("python3 -m venv ")
+    assert tests.endswith(" -m pytest")
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
@@ -73,6 +82,7 @@ def test_python_snippet_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, index: i
         assert fake_env.api_401s == 0
 
 
+@pytest.mark.posix_only  # the README's shell lines are for a POSIX shell
 @pytest.mark.parametrize("line", shell_lines())
 def test_shell_line_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, line: str) -> None:
     """The README's shell command runs, exit status 0, against the fake."""
@@ -80,5 +90,5 @@ def test_shell_line_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, line: str) -
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert leak_watch.leaks(result.stderr) == []
-    if line.startswith("curl "):
+    if "curl " in line:
         assert '"ok": true' in result.stdout

@@ -27,6 +27,8 @@ from redis_server import RedisServer, redis_data
 
 import edrv_auth
 
+pytestmark = pytest.mark.needs_redis
+
 pytest.importorskip("redis", reason="the redis extra is not installed: pip install -e '.[test]'")
 
 

@@ -1,4 +1,4 @@
-"""The requests adapter against the loopback fake eDRV: every contract behaviour."""
+"""The requests adapter against the loopback fake eDRV: every README guarantee."""
 
 from __future__ import annotations
 

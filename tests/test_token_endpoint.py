@@ -1,4 +1,4 @@
-"""Token endpoint failures (CONTRACT.md behaviour 7) and secret hygiene in their errors.
+"""Token endpoint failures and secret hygiene in their errors.
 
 Every test drives ``EdrvAuth.get_token()`` against the loopback fake and injects the
 failure through the fake itself (canned responses, dropped connections, delays), so
