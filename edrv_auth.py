@@ -319,12 +319,18 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """Forget the cached token, in memory and in the shared cache.
 
         The record of recent token requests stays, so clearing in a loop cannot
-        be used to bypass the token-request rate cap.
+        be used to bypass the token-request rate cap. A cache that cannot be
+        changed (Redis down, a folder that is not ours) is logged as a warning.
         """
+        self._clear()
+
+    def _clear(self) -> list[str]:
+        """`clear`, returning the caches it could not clear, each with the reason."""
         if self._api_key is not None:
-            return
+            return []
         runtime = self._rt()
         deadline = time.monotonic() + _LOCK_TIMEOUT
+        failed: list[str] = []
         with self._thread_lock(runtime, deadline):  # after any token request in flight
             self._current = None
             runtime.state = runtime.state.without_token()
@@ -333,6 +339,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                     _forget_token(store, deadline)
                 except OSError as exc:
                     self._warn_unusable(runtime, store, exc)
+                    failed.append(f"{store.label} ({exc.strerror or type(exc).__name__})")
+        return failed
 
     # -- requests adapter ----------------------------------------------------
 
@@ -1032,12 +1040,41 @@ class _FileCache:
             self._lock.release()
 
     def ensure_dir(self) -> None:
+        """Create the folder ``0700``, or make an existing one of ours private.
+
+        Raises ``OSError`` for a folder that is not ours to use: another user's,
+        or anything but a real folder in its place (a symbolic link included).
+        """
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.check_dir():
+            os.chmod(self.directory, 0o700, follow_symlinks=False)
+
+    def check_dir(self) -> bool:
+        """Whether the folder (if any) needs making private; ``OSError`` if it is not ours.
+
+        ``lstat``, not ``stat``: a symbolic link in the folder's place would lead
+        our files and lock wherever its owner chose.
+        """
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(info.st_mode):
+            raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise _UnsafeFolder("the folder is owned by another user")
+        # Breakpoint: permission bits mean nothing on Windows.
+        return os.name == "posix" and bool(info.st_mode & 0o022)
 
     def read(self) -> _State | None:
-        """Return the cached state, or ``None`` if there is none to trust."""
+        """Return the cached state, or ``None`` if there is none to trust.
+
+        Raises ``OSError`` when the folder is not ours (see `check_dir`).
+        """
+        self.check_dir()
         try:
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+            # O_NONBLOCK: opening (or reading) a FIFO planted here must not wait for a writer.
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -1103,6 +1140,14 @@ class _FileCache:
 
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+
+
+class _UnsafeFolder(OSError):
+    """The cache folder is not ours to use; the message says why, naming no secret."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
 
 
 def _forget_token(store: _Store, deadline: float) -> None:
@@ -1759,7 +1804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             print(auth.get_token())
         elif args.command == "clear":
-            auth.clear()
+            failed = auth._clear()
+            if failed:
+                print(
+                    f"edrv_auth: could not clear the cached token in {', '.join(failed)}",
+                    file=sys.stderr,
+                )
+                return 1
             print("cleared the cached token" if auth._api_key is None else "API key mode: no cache")
         else:
             print(_status(auth))
