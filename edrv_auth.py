@@ -216,7 +216,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> None:
         # Only masked secrets from here on: this frame may raise.
         secret, key = _masked(client_secret), _masked(api_key)
-        del client_secret, api_key
+        redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
+        del client_secret, api_key, redis_url
         self._client_id, self._client_secret, self._api_key = _credentials(client_id, secret, key)
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
@@ -246,13 +247,12 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._refresh_margin = float(refresh_margin)
         self._timeout = float(timeout)
         directory = cache_dir or _env(_ENV_CACHE_DIR)
-        key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
-        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), key)
+        cache_key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
+        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key)
         self._stores: tuple[_Store, ...] = (self._cache,)
-        redis_url = redis_url or _env(_ENV_REDIS_URL)
-        if redis_url and self._api_key is None:
+        if redis and self._api_key is None:
             # Redis is shared by every machine; the file still serves when it is down.
-            self._stores = (_RedisCache(redis_url, key), self._cache)
+            self._stores = (_RedisCache(redis, cache_key), self._cache)
         # In API-key mode the key is published once and never reaches a refresh time.
         self._current: _Fresh | None = self._key_fresh()
         self._runtime = _Runtime()
@@ -1177,28 +1177,19 @@ class _RedisCache:
     unusable for a while (``OSError``), so the core falls back to the file.
     """
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: _Secret, key: str) -> None:
         try:
             import redis  # noqa: F401 - fail at construction, not at the first request
         except ImportError:
             raise EdrvAuthError(
                 "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
             ) from None
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise EdrvAuthError("redis_url must be a redis://, rediss:// or unix:// URL")
-        if parts.scheme != "unix":
-            try:
-                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-            except ValueError:
-                raise EdrvAuthError("redis_url has an invalid port") from None
-            if not parts.hostname:
-                raise EdrvAuthError("redis_url has no host")
-        if parts.scheme == "unix":
-            self.label = f"unix://{parts.path}"
-        else:  # no user name or password: the label goes into logs and reprs
-            port = _safe_port(parts) or 6379
-            self.label = f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
+        # The URL may hold a password: it is parsed in a frame that returns
+        # before anything raises, and comes back as a label that shows none.
+        problem, label = _redis_label(url)
+        if problem:
+            raise EdrvAuthError(problem)
+        self.label = label
         self.key = f"edrv_auth:{_key_digest(key)}"
         self.lock_key = f"{self.key}:lock"
         self._url = url
@@ -1221,7 +1212,9 @@ class _RedisCache:
         try:
             if self._client is None or self._client_pid != os.getpid():
                 self._client = redis.Redis.from_url(
-                    self._url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
+                    self._url.value,  # unwrapped only here, where redis-py takes it
+                    socket_connect_timeout=_REDIS_TIMEOUT,
+                    socket_timeout=_REDIS_TIMEOUT,
                 )
                 self._client_pid = os.getpid()
             return operation(self._client)
@@ -1276,6 +1269,22 @@ class _RedisCache:
         finally:
             with contextlib.suppress(OSError):
                 self._call(lambda r: r.eval(_REDIS_RELEASE, 1, self.lock_key, owner))
+
+
+def _redis_label(url: _Secret) -> tuple[str, str]:
+    """(what is wrong with a Redis URL or "", a label for it without user or password)."""
+    parts = urllib.parse.urlsplit(url.value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "redis_url must be a redis://, rediss:// or unix:// URL", ""
+    if parts.scheme == "unix":
+        return "", f"unix://{parts.path}"
+    if not parts.hostname:
+        return "redis_url has no host", ""
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return "redis_url has an invalid port", ""
+    return "", f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
 
 
 class _RedisDown(OSError):
