@@ -110,6 +110,14 @@ _RETRY_AFTER_CAP: Final = 10.0
 #: set, counted in the shared cache across every process.
 _MAX_TOKEN_REQUESTS: Final = 5
 _TOKEN_REQUEST_WINDOW: Final = 60.0
+#: A floor under the lifetime used to schedule renewals: a bogus `expires_in`
+#: (a millisecond) must not make every API call a token request. A token that
+#: really dies sooner is caught by the 401 retry, whose requests the cap counts.
+_MIN_LIFETIME: Final = 5.0
+#: After a failed renewal the current token stays in use until it expires, and
+#: renewal is tried again this long after (or at expiry, if that comes first):
+#: an outage costs one token request per process per interval, not one per call.
+_RENEW_RETRY: Final = 30.0
 #: Used when the token endpoint omits `expires_in`; the 401 retry covers a guess
 #: that turns out too long.
 _DEFAULT_EXPIRES_IN: Final = 3600.0
@@ -530,7 +538,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 return found
             # Every write replaces the state whole, so a read without the lock is
             # safe: a new process with a warm cache never touches the lock.
-            found = self._adopt(self._read_state(runtime, self._stores).token, stale)
+            found = self._adopt(self._read_state(runtime, self._stores), stale)
             if found is not None:
                 _log.debug(
                     "using the token in the shared cache (%.0f s left)",
@@ -539,7 +547,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 return found
             with self._locked_store(runtime, deadline) as store:
                 state = runtime.state if store is None else self._read_state(runtime, (store,))
-                found = self._adopt(state.token, stale)
+                found = self._adopt(state, stale)
                 if found is not None:
                     return found
                 return self._refresh(runtime, state, stale, store)
@@ -551,18 +559,59 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         now = _now()
         window = state.window(now)
         if len(window) >= _MAX_TOKEN_REQUESTS:
-            return self._past_the_cap(state, window, now)
+            return self._past_the_cap(state, window, now, stale)
         if stale is not None:
             _log.debug("the API rejected the current token; requesting a new one")
+        # A renewal while the token still works: one attempt, no backoff; the
+        # token covers the outage and renewal is simply tried again later.
+        held = (
+            state.token if stale is None and state.token and now < state.token.expires_at else None
+        )
+        attempts = 1 if held else _MAX_ATTEMPTS
         sent: list[float] = []
         token: _Token | None = None
+        kept: _Fresh | None = None
         try:
-            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), _MAX_ATTEMPTS), sent)
+            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), attempts), sent)
+        except TokenRequestError as exc:
+            if held is None:
+                raise
+            kept = self._keep_after_failed_renewal(runtime, held, exc)
         finally:
-            runtime.state = state.after_request(token, stale, sent, now)
+            renew_after = kept.refresh_at if kept else None
+            runtime.state = state.after_request(token, stale, sent, now, renew_after)
             if store is not None:
                 self._save(runtime, store, runtime.state, state.token)
+        if token is None:
+            if kept is None:  # pragma: no cover - a failure either raised or kept the token
+                raise AssertionError("unreachable")
+            return kept
+        runtime.renewal_failing = False
         return self._publish(token)
+
+    def _keep_after_failed_renewal(
+        self, runtime: _Runtime, held: _Token, exc: TokenRequestError
+    ) -> _Fresh:
+        """Keep using a token that has not expired; try renewing it again later.
+
+        The retry time goes into the shared state too (``renew_after``), so
+        that other processes wait as well. Logged at WARNING once per outage,
+        at DEBUG after that.
+        """
+        now = _now()
+        fresh = _Fresh(held, min(now + _RENEW_RETRY, held.expires_at))
+        self._current = fresh
+        level = logging.DEBUG if runtime.renewal_failing else logging.WARNING
+        runtime.renewal_failing = True
+        _log.log(
+            level,
+            "could not renew the token (%s); still using the current one, which expires in "
+            "%.0f s; trying again in %.0f s",
+            exc,
+            held.expires_at - now,
+            fresh.refresh_at - now,
+        )
+        return fresh
 
     def _save(
         self, runtime: _Runtime, store: _Store, state: _State, replacing: _Token | None
@@ -579,13 +628,20 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             except OSError as exc:
                 self._warn_unusable(runtime, target, exc)
 
-    def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> _Fresh:
+    def _past_the_cap(
+        self, state: _State, window: tuple[float, ...], now: float, stale: _Secret | None
+    ) -> _Fresh:
         held = [state.token, self._current.token if self._current else None]
+        allowed_at = window[0] + _TOKEN_REQUEST_WINDOW
         for token in held:
             if token is not None and now < token.expires_at:
                 _log.debug("token request rate cap reached; keeping the current token")
-                return _Fresh(token, token.refresh_at(self._refresh_margin))
-        wait = max(window[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
+                if token.access_token == stale:
+                    return _Fresh(token, token.refresh_at(self._refresh_margin))
+                # Not rejected, just due: serve it from memory until the cap allows a renewal.
+                fresh = self._current = _Fresh(token, min(allowed_at, token.expires_at))
+                return fresh
+        wait = max(allowed_at - now, 0.0)
         raise TokenRequestError(
             f"not requesting a token: {len(window)} token requests in the last "
             f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
@@ -597,11 +653,19 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             return None
         return current
 
-    def _adopt(self, token: _Token | None, stale: _Secret | None) -> _Fresh | None:
-        """Publish ``token`` for the hot path if it is usable and not ``stale``."""
+    def _adopt(self, state: _State, stale: _Secret | None) -> _Fresh | None:
+        """Publish the shared token for the hot path if it is usable and not ``stale``.
+
+        After a failed renewal (``renew_after``) it stays usable until then, at
+        most until it expires: every process waits, not just the one that tried.
+        """
+        token = state.token
         if token is None:
             return None
-        found = self._usable(_Fresh(token, token.refresh_at(self._refresh_margin)), stale)
+        refresh_at = token.refresh_at(self._refresh_margin)
+        if state.renew_after is not None:
+            refresh_at = max(refresh_at, min(state.renew_after, token.expires_at))
+        found = self._usable(_Fresh(token, refresh_at), stale)
         if found is not None:
             self._current = found  # one assignment: readers need no lock
         return found
@@ -831,12 +895,14 @@ class _Token:
         """When to stop using this token, ``margin`` seconds before expiry.
 
         A lifetime no longer than the margin would make every token stale at
-        birth, so the margin shrinks to half the lifetime in that case.
+        birth, so the margin shrinks to half the lifetime in that case. A
+        lifetime under `_MIN_LIFETIME` is scheduled as that long.
         """
-        lifetime = self.expires_at - self.obtained_at
+        expires_at = max(self.expires_at, self.obtained_at + _MIN_LIFETIME)
+        lifetime = expires_at - self.obtained_at
         if lifetime < margin or math.isclose(lifetime, margin):  # equal: stale at birth too
             margin = lifetime / 2
-        return self.expires_at - margin
+        return expires_at - margin
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -901,6 +967,8 @@ class _State(NamedTuple):
     token: _Token | None = None
     requests: tuple[float, ...] = ()
     renewed_at: float | None = None
+    #: A renewal of ``token`` failed: keep using it, and try again at this time.
+    renew_after: float | None = None
 
     def window(self, now: float) -> tuple[float, ...]:
         """The counted token-request times within the cap's window ending at ``now``."""
@@ -909,11 +977,17 @@ class _State(NamedTuple):
         return tuple(sorted(t for t in times if earliest < t <= latest))
 
     def after_request(
-        self, token: _Token | None, stale: _Secret | None, sent: list[float], now: float
+        self,
+        token: _Token | None,
+        stale: _Secret | None,
+        sent: list[float],
+        now: float,
+        renew_after: float | None = None,
     ) -> _State:
         """The state after a token request that sent ``sent`` attempts.
 
-        A token the API rejected (``stale``) is dropped even if no new one came.
+        A token the API rejected (``stale``) is dropped even if no new one came;
+        ``renew_after`` is kept only with the token that a renewal failed to replace.
         """
         window = now - _TOKEN_REQUEST_WINDOW
         requests = [t for t in self.requests if t > window]
@@ -922,7 +996,10 @@ class _State(NamedTuple):
             renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
         requests.extend(counted)
         kept = self.token if self.token and self.token.access_token != stale else None
-        return _State(token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at)
+        renew_after = renew_after if token is None and kept is not None else None
+        return _State(
+            token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at, renew_after
+        )
 
     def without_token(self) -> _State:
         return _State(None, self.requests, self.renewed_at)
@@ -953,6 +1030,7 @@ class _Runtime:
         self.jobs: dict[tuple[int, _Secret | None], _Job] = {}
         self.state = _State()  # the last known shared state; all we have without a cache
         self.warned: set[str] = set()  # caches already reported unusable
+        self.renewal_failing = False  # a failed renewal was logged at WARNING
 
 
 # ---- Shared caches: one small interface, a file and Redis ------------------
@@ -987,6 +1065,7 @@ def _dump_state(state: _State) -> bytes:
             "token": state.token.to_json() if state.token else None,
             "token_requests": list(state.requests),
             "renewed_at": state.renewed_at,
+            "renew_after": state.renew_after,
         }
     ).encode()
 
@@ -1350,7 +1429,12 @@ def _parse_state(raw: bytes) -> _State | None:
     if token is None and token_data is not None:
         return None
     requests = tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:])
-    return _State(token, requests, None if renewed_at is None else float(renewed_at))
+    # Absent (older writers), or not a retry time we would have set: ignored.
+    renew_after: float | None = None
+    if _is_number(data.get("renew_after")):
+        renew_after = float(data["renew_after"])
+        renew_after = renew_after if renew_after <= _now() + _RENEW_RETRY + _CLOCK_SKEW else None
+    return _State(token, requests, None if renewed_at is None else float(renewed_at), renew_after)
 
 
 def _default_cache_dir() -> Path:
