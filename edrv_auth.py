@@ -146,6 +146,8 @@ _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 # Indirections that tests replace to control time without sleeping.
 _now: Callable[[], float] = time.time
 _sleep: Callable[[float], None] = time.sleep
+#: Only for when to try an unreachable Redis again (tests move it forward).
+_monotonic: Callable[[], float] = time.monotonic
 
 
 # ---- Errors ---------------------------------------------------------------
@@ -546,14 +548,22 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 )
                 return found
             with self._locked_store(runtime, deadline) as store:
-                state = runtime.state if store is None else self._read_state(runtime, (store,))
+                # What the locked store itself holds is what a write may replace:
+                # an empty Redis is filled, whatever token the file mirrors.
+                own = None if store is None else self._read_store(runtime, store)
+                state = own or runtime.state
                 found = self._adopt(state, stale)
                 if found is not None:
                     return found
-                return self._refresh(runtime, state, stale, store)
+                return self._refresh(runtime, state, stale, store, own.token if own else None)
 
     def _refresh(
-        self, runtime: _Runtime, state: _State, stale: _Secret | None, store: _Store | None
+        self,
+        runtime: _Runtime,
+        state: _State,
+        stale: _Secret | None,
+        store: _Store | None,
+        replacing: _Token | None,
     ) -> _Fresh:
         """Request a new token within the shared rate cap; record and save it."""
         now = _now()
@@ -581,7 +591,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             renew_after = kept.refresh_at if kept else None
             runtime.state = state.after_request(token, stale, sent, now, renew_after)
             if store is not None:
-                self._save(runtime, store, runtime.state, state.token)
+                self._save(runtime, store, runtime.state, replacing)
         if token is None:
             if kept is None:  # pragma: no cover - a failure either raised or kept the token
                 raise AssertionError("unreachable")
@@ -748,15 +758,21 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         the file: a machine reuses its saved token instead of requesting one.
         """
         for store in stores:
-            try:
-                state = store.read()
-            except OSError as exc:
-                self._warn_unusable(runtime, store, exc)
-                continue
+            state = self._read_store(runtime, store)
             if state is not None:
-                runtime.state = state
                 return state
         return runtime.state
+
+    def _read_store(self, runtime: _Runtime, store: _Store) -> _State | None:
+        """The state one store holds (remembered in memory), or ``None``."""
+        try:
+            state = store.read()
+        except OSError as exc:
+            self._warn_unusable(runtime, store, exc)
+            return None
+        if state is not None:
+            runtime.state = state
+        return state
 
     def _warn_unusable(self, runtime: _Runtime, store: _Store, exc: OSError) -> None:
         if store.label in runtime.warned:
@@ -929,6 +945,10 @@ class _Token:
             or not _is_number(obtained)
             or not _is_number(expires)
             or obtained > expires
+            # What the token endpoint could not have given (its lifetime is
+            # clamped), or a time from a future beyond clock skew: planted.
+            or expires - obtained > _MAX_EXPIRES_IN + 1
+            or obtained > _now() + _CLOCK_SKEW
             or not isinstance(scope, str)
         ):
             return None
@@ -1286,7 +1306,7 @@ class _RedisCache:
         """Run one Redis operation; any Redis failure becomes an OSError."""
         import redis
 
-        if time.monotonic() < self._down_until:
+        if _monotonic() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
         try:
             if self._client is None or self._client_pid != os.getpid():
@@ -1298,12 +1318,16 @@ class _RedisCache:
                 self._client_pid = os.getpid()
             return operation(self._client)
         except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
-            self._down_until = time.monotonic() + _REDIS_RETRY_AFTER
+            self._down_until = _monotonic() + _REDIS_RETRY_AFTER
             raise _RedisDown(type(exc).__name__) from exc
 
     def read(self) -> _State | None:
-        raw = self._call(lambda r: r.get(self.key))
+        """The state in Redis, checked as the cache file is (and as large at most)."""
+        raw = self._call(lambda r: r.eval(_REDIS_READ, 1, self.key, _MAX_BODY))
         if raw is None:
+            return None
+        if isinstance(raw, int):
+            _log.debug("ignoring the Redis cache %s: too large (%d bytes)", self.label, raw)
             return None
         state = _parse_state(raw)
         if state is None:
@@ -1312,7 +1336,7 @@ class _RedisCache:
 
     def write(self, state: _State, replacing: _Secret | None) -> None:
         now = _now()
-        useful_until = max((*state.window(now), -math.inf)) + _TOKEN_REQUEST_WINDOW
+        useful_until = max(state.window(now), default=now) + _TOKEN_REQUEST_WINDOW
         if state.token is not None:
             useful_until = max(useful_until, state.token.expires_at)
         ttl_ms = max(int((useful_until - now) * 1000), 1000)
@@ -1338,10 +1362,11 @@ class _RedisCache:
         ttl_ms = int(_REDIS_LOCK_TTL * 1000)
         while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
             if time.monotonic() >= deadline:
-                raise EdrvAuthError(
-                    f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token lock in "
-                    f"Redis {self.label} (another process holds it)"
-                )
+                # A lock that never expires (a holder that set no TTL) must not
+                # stop the fleet: leave Redis alone for a while, use the file.
+                _log.debug("timed out waiting for the token lock in Redis %s", self.label)
+                self._down_until = _monotonic() + _REDIS_RETRY_AFTER
+                raise _RedisDown("its token lock was held too long")
             time.sleep(_REDIS_LOCK_POLL)
         try:
             yield
@@ -1388,6 +1413,12 @@ end
 if held ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
+"""
+#: Read the state unless it is larger than ARGV[1] bytes: then only its size.
+_REDIS_READ: Final = """
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return size end
+return redis.call('GET', KEYS[1])
 """
 #: Release the lock only if we still own it.
 _REDIS_RELEASE: Final = """
