@@ -23,7 +23,7 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, LeakWatch
+from conftest import API_KEY, Clock, LeakWatch
 from fake_edrv import FakeEdrv
 
 from edrv_auth import EdrvAuth, EdrvAuthError
@@ -444,6 +444,59 @@ def test_requests_session_and_httpx_client_share_one_token(
     assert fake.token_requests == 1
     assert auth_requests.get_token() == auth_httpx.get_token()
     assert fake.api_auth_headers == [f"Bearer {auth_httpx.get_token()}"] * 2
+
+
+# ---- The hot path at and past the refresh time; a 403 is not a 401 ------------
+
+CLIENTS = ["requests", "httpx", "httpx-async"]
+
+
+def _get(kind: str, auth: EdrvAuth, url: str) -> httpx.Response | requests.Response:
+    """One GET through the named client, as a user would send it."""
+    if kind == "requests":
+        return requests.get(url, auth=auth, timeout=10)
+    if kind == "httpx":
+        with httpx.Client(auth=auth, timeout=10) as sync_client:
+            return sync_client.get(url)
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(auth=auth, timeout=10) as async_client:
+            return await async_client.get(url)
+
+    return asyncio.run(send())
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+@pytest.mark.parametrize("when", ["at", "past"])
+def test_request_at_or_past_refresh_time_is_sent_with_a_new_token(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, kind: str, when: str
+) -> None:
+    """From refresh_at on (not only at expiry), a request carries a renewed token, unretried."""
+    auth = make_auth()
+    old = auth.get_token()
+    assert auth._current is not None
+    refresh_at = auth._current.refresh_at
+    clock.now = refresh_at if when == "at" else refresh_at + 150  # half the 300 s margin
+    assert clock.now < auth._current.token.expires_at  # the old token still works
+    response = _get(kind, auth, f"{fake.url}/v1.1/x")
+    assert (response.status_code, len(response.history)) == (200, 0)
+    assert fake.token_requests == 2
+    assert fake.api_auth_headers == [f"Bearer {auth.get_token()}"]
+    assert auth.get_token() != old
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_403_is_returned_without_a_retry_or_a_token_request(
+    fake: FakeEdrv, make_auth: MakeAuth, kind: str
+) -> None:
+    """A 403 (forbidden, not expired) reaches the caller as is: no resend, no token request."""
+    auth = make_auth()
+    token = auth.get_token()
+    fake.queue_api_response(403, {"ok": False, "message": "forbidden", "result": None})
+    response = _get(kind, auth, f"{fake.url}/v1.1/x")
+    assert (response.status_code, len(response.history)) == (403, 0)
+    assert fake.api_auth_headers == [f"Bearer {token}"]
+    assert fake.token_requests == 1
 
 
 # ---- httpx.AsyncClient, under asyncio and trio --------------------------------
