@@ -1897,7 +1897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "exit status:\n"
         "  0  success\n"
         "  1  the token request or the cache failed (wrong secret, eDRV unreachable)\n"
-        "  2  usage or configuration error (no credentials, a bad URL)",
+        "  2  usage or configuration error (no credentials, a bad URL)\n"
+        "  130  interrupted (Ctrl-C)",
     )
     parser.add_argument("--version", action="version", version=f"edrv_auth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

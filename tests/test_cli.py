@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,28 @@ def test_clear_that_cannot_change_the_cache_says_so_and_exits_1(
         os.chmod(clean_env, 0o700)
     assert edrv_auth.EdrvAuth().get_token() == token  # still cached: nothing was cleared
     assert fake_env.token_requests == 1
+
+
+def test_ctrl_c_while_waiting_for_a_token_exits_130(fake_env: FakeEdrv) -> None:
+    """SIGINT during a slow token request ends `token` with status 130 and no traceback."""
+    fake_env.token_delay = 10
+    child = subprocess.Popen(
+        [sys.executable, "-m", "edrv_auth", "token"],
+        cwd=MODULE_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while fake_env.token_requests == 0:  # the request is in flight: the CLI waits on it
+            assert time.monotonic() < deadline, "the CLI never asked for a token"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert (child.returncode, out) == (130, "")
+    assert "Traceback" not in err
