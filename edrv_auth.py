@@ -229,6 +229,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
         del client_secret, api_key, redis_url
         self._client_id, self._client_secret, self._api_key = _credentials(client_id, secret, key)
+        if self._api_key is None:
+            _require_filelock()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
         token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
@@ -1696,6 +1698,27 @@ def _credentials(
     if missing:
         raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
     return client_id, client_secret, None
+
+
+def _require_filelock() -> None:
+    """Refuse client-credentials mode at once when ``filelock`` cannot be imported.
+
+    The vendored file may land where filelock is missing; without this check a
+    warm cache would work until the first renewal, which then died with a
+    ModuleNotFoundError. Finding the module is cheap; importing it waits.
+    """
+    if sys.modules.get("filelock") is not None:
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("filelock") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["filelock"] is None
+        found = False
+    if not found:
+        raise EdrvAuthError(
+            "edrv_auth needs the filelock package for its token cache: pip install filelock"
+        )
 
 
 def _env_secret(name: str) -> _Secret | None:
