@@ -330,14 +330,19 @@ def test_failed_401_retry_leaks_nothing(make_auth: MakeAuth, fake: FakeEdrv, swe
 def test_failed_renewal_leaks_nothing(
     make_auth: MakeAuth, fake: FakeEdrv, sweep: Sweep, clock: Clock
 ) -> None:
-    """A renewal that fails once the token has expired raises, and leaks nothing."""
+    """A failed renewal (kept token, then after expiry an error) leaks nothing, logged or raised."""
     auth = sweep.watch(make_auth())
-    auth.get_token()
-    clock.advance(fake.expires_in + 1)
+    token = auth.get_token()
+    clock.advance(fake.expires_in - 60)  # due, with a minute left: kept, with a WARNING
+    echo = {"error": "invalid_client", "error_description": f"revoked {CLIENT_SECRET}"}
+    fake.queue_token_response(400, echo)
+    assert auth.get_token() == token
+    clock.advance(61)
     fake.queue_token_response(400, {"error": "invalid_client", "error_description": "revoked"})
     exc = sweep.error("failed renewal", auth.get_token)
     assert exc.status_code == 400
-    assert fake.token_requests == 2
+    assert fake.token_requests == 3
+    assert any("could not renew" in text for _, text in sweep.handler.records)
     sweep.check()
 
 
