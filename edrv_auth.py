@@ -147,7 +147,7 @@ _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 _now: Callable[[], float] = time.time
 _sleep: Callable[[float], None] = time.sleep
 #: Only for when to try an unreachable Redis again (tests move it forward).
-_monotonic: Callable[[], float] = time.monotonic
+_redis_clock: Callable[[], float] = time.monotonic
 
 
 # ---- Errors ---------------------------------------------------------------
@@ -1308,7 +1308,7 @@ class _RedisCache:
         """Run one Redis operation; any Redis failure becomes an OSError."""
         import redis
 
-        if _monotonic() < self._down_until:
+        if _redis_clock() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
         try:
             if self._client is None or self._client_pid != os.getpid():
@@ -1320,7 +1320,7 @@ class _RedisCache:
                 self._client_pid = os.getpid()
             return operation(self._client)
         except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
-            self._down_until = _monotonic() + _REDIS_RETRY_AFTER
+            self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
             raise _RedisDown(type(exc).__name__) from exc
 
     def read(self) -> _State | None:
@@ -1367,7 +1367,7 @@ class _RedisCache:
                 # A lock that never expires (a holder that set no TTL) must not
                 # stop the fleet: leave Redis alone for a while, use the file.
                 _log.debug("timed out waiting for the token lock in Redis %s", self.label)
-                self._down_until = _monotonic() + _REDIS_RETRY_AFTER
+                self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
                 raise _RedisDown("its token lock was held too long")
             time.sleep(_REDIS_LOCK_POLL)
         try:

@@ -478,7 +478,7 @@ def test_unreachable_redis_is_tried_again_30_s_later(
     """Redis unreachable at first is left alone for 30 s, then used again."""
     server = RedisServer()  # its port is known, and nothing listens on it yet
     ticks = [time.monotonic()]
-    monkeypatch.setattr(edrv_auth, "_monotonic", lambda: ticks[0])
+    monkeypatch.setattr(edrv_auth, "_redis_clock", lambda: ticks[0])
     auth = edrv_auth.EdrvAuth(
         CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
         cache_dir=tmp_path / "local", redis_url=server.url,
