@@ -1147,8 +1147,17 @@ class _FileCache:
         or anything but a real folder in its place (a symbolic link included).
         """
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.check_dir():
-            os.chmod(self.directory, 0o700, follow_symlinks=False)
+        if not self.check_dir():
+            return
+        # Through a descriptor opened without following links, so that the
+        # folder made private is the one just checked, not one swapped in since.
+        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.getuid():  # pragma: no cover - a race lost
+                raise _UnsafeFolder("the folder is owned by another user")
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
     def check_dir(self) -> bool:
         """Whether the folder (if any) needs making private; ``OSError`` if it is not ours.
@@ -1242,6 +1251,7 @@ class _FileCache:
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
 
 
 class _UnsafeFolder(OSError):
