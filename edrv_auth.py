@@ -1372,7 +1372,13 @@ class _RedisCache:
     def locked(self, deadline: float) -> Iterator[None]:
         owner = os.urandom(16).hex()
         ttl_ms = int(_REDIS_LOCK_TTL * 1000)
+        checked = False
         while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
+            if not checked:
+                # A lock without a TTL was not set by this protocol; give it one,
+                # so that it ends like a dead holder's instead of never.
+                self._call(lambda r: r.eval(_REDIS_EXPIRE_FOREVER, 1, self.lock_key, ttl_ms))
+                checked = True
             if time.monotonic() >= deadline:
                 # A lock that never expires (a holder that set no TTL) must not
                 # stop the fleet: leave Redis alone for a while, use the file.
@@ -1431,6 +1437,11 @@ _REDIS_READ: Final = """
 local size = redis.call('STRLEN', KEYS[1])
 if size > tonumber(ARGV[1]) then return size end
 return redis.call('GET', KEYS[1])
+"""
+#: Give a lock that never expires (PTTL -1) the TTL ARGV[1] that ours have.
+_REDIS_EXPIRE_FOREVER: Final = """
+if redis.call('PTTL', KEYS[1]) == -1 then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
 """
 #: Release the lock only if we still own it.
 _REDIS_RELEASE: Final = """

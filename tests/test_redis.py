@@ -426,6 +426,13 @@ def test_lock_without_ttl_falls_back_to_the_file_cache(
     assert auth._cache.read() is not None  # saved in the file cache
     assert any("using" in m and "instead" in m for m in leak_watch.messages)
     assert fake.token_requests == 1
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:  # the stuck lock now ends like a dead holder's: the fleet recovers by itself
+        assert 0 < client.pttl(auth._stores[0].lock_key) <= edrv_auth._REDIS_LOCK_TTL * 1000  # type: ignore[attr-defined]
+    finally:
+        client.close()
 
 
 def test_unreachable_token_endpoint_with_redis_is_a_token_request_error(
