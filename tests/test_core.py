@@ -246,3 +246,24 @@ def test_failed_renewal_after_expiry_raises(
     with pytest.raises(TokenRequestError, match="HTTP 503"):
         auth.get_token()
     assert fake.token_requests == 5  # the first, one kept-renewal attempt, three retried ones
+
+
+def test_a_due_token_past_the_cap_is_served_from_memory_until_the_cap_allows(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due for renewal with the cap full: kept, and not looked up under the lock on every call."""
+    auth = make_auth()
+    token = fake.issue_token()
+    now = clock.now
+    due = edrv_auth._Token(edrv_auth._Secret(token), now - 3500, now + 100)  # refresh_at passed
+    auth._cache.write(edrv_auth._State(due, (now - 50,) * 5))
+    locked = []
+    real_locked = auth._cache.locked
+    monkeypatch.setattr(
+        auth._cache, "locked", lambda deadline: locked.append(1) or real_locked(deadline)
+    )
+    assert [auth.get_token() for _ in range(10)] == [token] * 10
+    assert (fake.token_requests, len(locked)) == (0, 1)
+    clock.advance(10)  # the cap allows one now: the renewal happens
+    assert auth.get_token() != token
+    assert fake.token_requests == 1
