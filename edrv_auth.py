@@ -111,6 +111,14 @@ _RETRY_AFTER_CAP: Final = 10.0
 #: set, counted in the shared cache across every process.
 _MAX_TOKEN_REQUESTS: Final = 5
 _TOKEN_REQUEST_WINDOW: Final = 60.0
+#: A floor under the lifetime used to schedule renewals: a bogus `expires_in`
+#: (a millisecond) must not make every API call a token request. A token that
+#: really dies sooner is caught by the 401 retry, whose requests the cap counts.
+_MIN_LIFETIME: Final = 5.0
+#: After a failed renewal the current token stays in use until it expires, and
+#: renewal is tried again this long after (or at expiry, if that comes first):
+#: an outage costs one token request per process per interval, not one per call.
+_RENEW_RETRY: Final = 30.0
 #: Used when the token endpoint omits `expires_in`; the 401 retry covers a guess
 #: that turns out too long.
 _DEFAULT_EXPIRES_IN: Final = 3600.0
@@ -139,6 +147,8 @@ _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 # Indirections that tests replace to control time without sleeping.
 _now: Callable[[], float] = time.time
 _sleep: Callable[[float], None] = time.sleep
+#: Only for when to try an unreachable Redis again (tests move it forward).
+_redis_clock: Callable[[], float] = time.monotonic
 
 
 # ---- Errors ---------------------------------------------------------------
@@ -253,8 +263,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> None:
         # Only masked secrets from here on: this frame may raise.
         secret, key = _masked(client_secret), _masked(api_key)
-        del client_secret, api_key
+        redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
+        del client_secret, api_key, redis_url
         self._client_id, self._client_secret, self._api_key = _credentials(client_id, secret, key)
+        if self._api_key is None:
+            _require_filelock()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
         token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
@@ -283,13 +296,12 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._refresh_margin = float(refresh_margin)
         self._timeout = float(timeout)
         directory = cache_dir or _env(_ENV_CACHE_DIR)
-        key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
-        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), key)
+        cache_key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
+        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key)
         self._stores: tuple[_Store, ...] = (self._cache,)
-        redis_url = redis_url or _env(_ENV_REDIS_URL)
-        if redis_url and self._api_key is None:
+        if redis and self._api_key is None:
             # Redis is shared by every machine; the file still serves when it is down.
-            self._stores = (_RedisCache(redis_url, key), self._cache)
+            self._stores = (_RedisCache(redis, cache_key), self._cache)
         # In API-key mode the key is published once and never reaches a refresh time.
         self._current: _Fresh | None = self._key_fresh()
         self._runtime = _Runtime()
@@ -357,12 +369,18 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """Forget the cached token, in memory and in the shared cache.
 
         The record of recent token requests stays, so clearing in a loop cannot
-        be used to bypass the token-request rate cap.
+        be used to bypass the token-request rate cap. A cache that cannot be
+        changed (Redis down, a folder that is not ours) is logged as a warning.
         """
+        self._clear()
+
+    def _clear(self) -> list[str]:
+        """`clear`, returning the caches it could not clear, each with the reason."""
         if self._api_key is not None:
-            return
+            return []
         runtime = self._rt()
         deadline = time.monotonic() + _LOCK_TIMEOUT
+        failed: list[str] = []
         with self._thread_lock(runtime, deadline):  # after any token request in flight
             self._current = None
             runtime.state = runtime.state.without_token()
@@ -371,6 +389,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                     _forget_token(store, deadline)
                 except OSError as exc:
                     self._warn_unusable(runtime, store, exc)
+                    failed.append(f"{store.label} ({exc.strerror or type(exc).__name__})")
+        return failed
 
     # -- requests adapter ----------------------------------------------------
 
@@ -560,7 +580,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 return found
             # Every write replaces the state whole, so a read without the lock is
             # safe: a new process with a warm cache never touches the lock.
-            found = self._adopt(self._read_state(runtime, self._stores).token, stale)
+            found = self._adopt(self._read_state(runtime, self._stores), stale)
             if found is not None:
                 _log.debug(
                     "using the token in the shared cache (%.0f s left)",
@@ -568,31 +588,80 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
                 )
                 return found
             with self._locked_store(runtime, deadline) as store:
-                state = runtime.state if store is None else self._read_state(runtime, (store,))
-                found = self._adopt(state.token, stale)
+                # What the locked store itself holds is what a write may replace:
+                # an empty Redis is filled, whatever token the file mirrors.
+                own = None if store is None else self._read_store(runtime, store)
+                state = own or runtime.state
+                found = self._adopt(state, stale)
                 if found is not None:
                     return found
-                return self._refresh(runtime, state, stale, store)
+                return self._refresh(runtime, state, stale, store, own.token if own else None)
 
     def _refresh(
-        self, runtime: _Runtime, state: _State, stale: _Secret | None, store: _Store | None
+        self,
+        runtime: _Runtime,
+        state: _State,
+        stale: _Secret | None,
+        store: _Store | None,
+        replacing: _Token | None,
     ) -> _Fresh:
         """Request a new token within the shared rate cap; record and save it."""
         now = _now()
         window = state.window(now)
         if len(window) >= _MAX_TOKEN_REQUESTS:
-            return self._past_the_cap(state, window, now)
+            return self._past_the_cap(state, window, now, stale)
         if stale is not None:
             _log.debug("the API rejected the current token; requesting a new one")
+        # A renewal while the token still works: one attempt, no backoff; the
+        # token covers the outage and renewal is simply tried again later.
+        held = (
+            state.token if stale is None and state.token and now < state.token.expires_at else None
+        )
+        attempts = 1 if held else _MAX_ATTEMPTS
         sent: list[float] = []
         token: _Token | None = None
+        kept: _Fresh | None = None
         try:
-            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), _MAX_ATTEMPTS), sent)
+            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), attempts), sent)
+        except TokenRequestError as exc:
+            if held is None:
+                raise
+            kept = self._keep_after_failed_renewal(runtime, held, exc)
         finally:
-            runtime.state = state.after_request(token, stale, sent, now)
+            renew_after = kept.refresh_at if kept else None
+            runtime.state = state.after_request(token, stale, sent, now, renew_after)
             if store is not None:
-                self._save(runtime, store, runtime.state, state.token)
+                self._save(runtime, store, runtime.state, replacing)
+        if token is None:
+            if kept is None:  # pragma: no cover - a failure either raised or kept the token
+                raise AssertionError("unreachable")
+            return kept
+        runtime.renewal_failing = False
         return self._publish(token)
+
+    def _keep_after_failed_renewal(
+        self, runtime: _Runtime, held: _Token, exc: TokenRequestError
+    ) -> _Fresh:
+        """Keep using a token that has not expired; try renewing it again later.
+
+        The retry time goes into the shared state too (``renew_after``), so
+        that other processes wait as well. Logged at WARNING once per outage,
+        at DEBUG after that.
+        """
+        now = _now()
+        fresh = _Fresh(held, min(now + _RENEW_RETRY, held.expires_at))
+        self._current = fresh
+        level = logging.DEBUG if runtime.renewal_failing else logging.WARNING
+        runtime.renewal_failing = True
+        _log.log(
+            level,
+            "could not renew the token (%s); still using the current one, which expires in "
+            "%.0f s; trying again in %.0f s",
+            exc,
+            held.expires_at - now,
+            fresh.refresh_at - now,
+        )
+        return fresh
 
     def _save(
         self, runtime: _Runtime, store: _Store, state: _State, replacing: _Token | None
@@ -609,13 +678,20 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             except OSError as exc:
                 self._warn_unusable(runtime, target, exc)
 
-    def _past_the_cap(self, state: _State, window: tuple[float, ...], now: float) -> _Fresh:
+    def _past_the_cap(
+        self, state: _State, window: tuple[float, ...], now: float, stale: _Secret | None
+    ) -> _Fresh:
         held = [state.token, self._current.token if self._current else None]
+        allowed_at = window[0] + _TOKEN_REQUEST_WINDOW
         for token in held:
             if token is not None and now < token.expires_at:
                 _log.debug("token request rate cap reached; keeping the current token")
-                return _Fresh(token, token.refresh_at(self._refresh_margin))
-        wait = max(window[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
+                if token.access_token == stale:
+                    return _Fresh(token, token.refresh_at(self._refresh_margin))
+                # Not rejected, just due: serve it from memory until the cap allows a renewal.
+                fresh = self._current = _Fresh(token, min(allowed_at, token.expires_at))
+                return fresh
+        wait = max(allowed_at - now, 0.0)
         raise TokenRequestError(
             f"not requesting a token: {len(window)} token requests in the last "
             f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
@@ -627,11 +703,19 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             return None
         return current
 
-    def _adopt(self, token: _Token | None, stale: _Secret | None) -> _Fresh | None:
-        """Publish ``token`` for the hot path if it is usable and not ``stale``."""
+    def _adopt(self, state: _State, stale: _Secret | None) -> _Fresh | None:
+        """Publish the shared token for the hot path if it is usable and not ``stale``.
+
+        After a failed renewal (``renew_after``) it stays usable until then, at
+        most until it expires: every process waits, not just the one that tried.
+        """
+        token = state.token
         if token is None:
             return None
-        found = self._usable(_Fresh(token, token.refresh_at(self._refresh_margin)), stale)
+        refresh_at = token.refresh_at(self._refresh_margin)
+        if state.renew_after is not None:
+            refresh_at = max(refresh_at, min(state.renew_after, token.expires_at))
+        found = self._usable(_Fresh(token, refresh_at), stale)
         if found is not None:
             self._current = found  # one assignment: readers need no lock
         return found
@@ -714,15 +798,21 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         the file: a machine reuses its saved token instead of requesting one.
         """
         for store in stores:
-            try:
-                state = store.read()
-            except OSError as exc:
-                self._warn_unusable(runtime, store, exc)
-                continue
+            state = self._read_store(runtime, store)
             if state is not None:
-                runtime.state = state
                 return state
         return runtime.state
+
+    def _read_store(self, runtime: _Runtime, store: _Store) -> _State | None:
+        """The state one store holds (remembered in memory), or ``None``."""
+        try:
+            state = store.read()
+        except OSError as exc:
+            self._warn_unusable(runtime, store, exc)
+            return None
+        if state is not None:
+            runtime.state = state
+        return state
 
     def _warn_unusable(self, runtime: _Runtime, store: _Store, exc: OSError) -> None:
         if store.label in runtime.warned:
@@ -861,12 +951,14 @@ class _Token:
         """When to stop using this token, ``margin`` seconds before expiry.
 
         A lifetime no longer than the margin would make every token stale at
-        birth, so the margin shrinks to half the lifetime in that case.
+        birth, so the margin shrinks to half the lifetime in that case. A
+        lifetime under `_MIN_LIFETIME` is scheduled as that long.
         """
-        lifetime = self.expires_at - self.obtained_at
+        expires_at = max(self.expires_at, self.obtained_at + _MIN_LIFETIME)
+        lifetime = expires_at - self.obtained_at
         if lifetime < margin or math.isclose(lifetime, margin):  # equal: stale at birth too
             margin = lifetime / 2
-        return self.expires_at - margin
+        return expires_at - margin
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -893,6 +985,10 @@ class _Token:
             or not _is_number(obtained)
             or not _is_number(expires)
             or obtained > expires
+            # What the token endpoint could not have given (its lifetime is
+            # clamped), or a time from a future beyond clock skew: planted.
+            or expires - obtained > _MAX_EXPIRES_IN + 1
+            or obtained > _now() + _CLOCK_SKEW
             or not isinstance(scope, str)
         ):
             return None
@@ -931,6 +1027,8 @@ class _State(NamedTuple):
     token: _Token | None = None
     requests: tuple[float, ...] = ()
     renewed_at: float | None = None
+    #: A renewal of ``token`` failed: keep using it, and try again at this time.
+    renew_after: float | None = None
 
     def window(self, now: float) -> tuple[float, ...]:
         """The counted token-request times within the cap's window ending at ``now``."""
@@ -939,11 +1037,17 @@ class _State(NamedTuple):
         return tuple(sorted(t for t in times if earliest < t <= latest))
 
     def after_request(
-        self, token: _Token | None, stale: _Secret | None, sent: list[float], now: float
+        self,
+        token: _Token | None,
+        stale: _Secret | None,
+        sent: list[float],
+        now: float,
+        renew_after: float | None = None,
     ) -> _State:
         """The state after a token request that sent ``sent`` attempts.
 
-        A token the API rejected (``stale``) is dropped even if no new one came.
+        A token the API rejected (``stale``) is dropped even if no new one came;
+        ``renew_after`` is kept only with the token that a renewal failed to replace.
         """
         window = now - _TOKEN_REQUEST_WINDOW
         requests = [t for t in self.requests if t > window]
@@ -952,7 +1056,10 @@ class _State(NamedTuple):
             renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
         requests.extend(counted)
         kept = self.token if self.token and self.token.access_token != stale else None
-        return _State(token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at)
+        renew_after = renew_after if token is None and kept is not None else None
+        return _State(
+            token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at, renew_after
+        )
 
     def without_token(self) -> _State:
         return _State(None, self.requests, self.renewed_at)
@@ -983,6 +1090,7 @@ class _Runtime:
         self.jobs: dict[tuple[int, _Secret | None], _Job] = {}
         self.state = _State()  # the last known shared state; all we have without a cache
         self.warned: set[str] = set()  # caches already reported unusable
+        self.renewal_failing = False  # a failed renewal was logged at WARNING
 
 
 # ---- Shared caches: one small interface, a file and Redis ------------------
@@ -1017,6 +1125,7 @@ def _dump_state(state: _State) -> bytes:
             "token": state.token.to_json() if state.token else None,
             "token_requests": list(state.requests),
             "renewed_at": state.renewed_at,
+            "renew_after": state.renew_after,
         }
     ).encode()
 
@@ -1070,12 +1179,50 @@ class _FileCache:
             self._lock.release()
 
     def ensure_dir(self) -> None:
+        """Create the folder ``0700``, or make an existing one of ours private.
+
+        Raises ``OSError`` for a folder that is not ours to use: another user's,
+        or anything but a real folder in its place (a symbolic link included).
+        """
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.check_dir():
+            return
+        # Through a descriptor opened without following links, so that the
+        # folder made private is the one just checked, not one swapped in since.
+        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.getuid():  # pragma: no cover - a race lost
+                raise _UnsafeFolder("the folder is owned by another user")
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+
+    def check_dir(self) -> bool:
+        """Whether the folder (if any) needs making private; ``OSError`` if it is not ours.
+
+        ``lstat``, not ``stat``: a symbolic link in the folder's place would lead
+        our files and lock wherever its owner chose.
+        """
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(info.st_mode):
+            raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise _UnsafeFolder("the folder is owned by another user")
+        # Breakpoint: permission bits mean nothing on Windows.
+        return os.name == "posix" and bool(info.st_mode & 0o022)
 
     def read(self) -> _State | None:
-        """Return the cached state, or ``None`` if there is none to trust."""
+        """Return the cached state, or ``None`` if there is none to trust.
+
+        Raises ``OSError`` when the folder is not ours (see `check_dir`).
+        """
+        self.check_dir()
         try:
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+            # O_NONBLOCK: opening (or reading) a FIFO planted here must not wait for a writer.
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -1141,6 +1288,15 @@ class _FileCache:
 
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+_O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+_O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
+
+
+class _UnsafeFolder(OSError):
+    """The cache folder is not ours to use; the message says why, naming no secret."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
 
 
 def _forget_token(store: _Store, deadline: float) -> None:
@@ -1170,28 +1326,19 @@ class _RedisCache:
     unusable for a while (``OSError``), so the core falls back to the file.
     """
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: _Secret, key: str) -> None:
         try:
             import redis  # noqa: F401 - fail at construction, not at the first request
         except ImportError:
             raise EdrvAuthError(
                 "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
             ) from None
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise EdrvAuthError("redis_url must be a redis://, rediss:// or unix:// URL")
-        if parts.scheme != "unix":
-            try:
-                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-            except ValueError:
-                raise EdrvAuthError("redis_url has an invalid port") from None
-            if not parts.hostname:
-                raise EdrvAuthError("redis_url has no host")
-        if parts.scheme == "unix":
-            self.label = f"unix://{parts.path}"
-        else:  # no user name or password: the label goes into logs and reprs
-            port = _safe_port(parts) or 6379
-            self.label = f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
+        # The URL may hold a password: it is parsed in a frame that returns
+        # before anything raises, and comes back as a label that shows none.
+        problem, label = _redis_label(url)
+        if problem:
+            raise EdrvAuthError(problem)
+        self.label = label
         self.key = f"edrv_auth:{_key_digest(key)}"
         self.lock_key = f"{self.key}:lock"
         self._url = url
@@ -1209,22 +1356,28 @@ class _RedisCache:
         """Run one Redis operation; any Redis failure becomes an OSError."""
         import redis
 
-        if time.monotonic() < self._down_until:
+        if _redis_clock() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
         try:
             if self._client is None or self._client_pid != os.getpid():
                 self._client = redis.Redis.from_url(
-                    self._url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
+                    self._url.value,  # unwrapped only here, where redis-py takes it
+                    socket_connect_timeout=_REDIS_TIMEOUT,
+                    socket_timeout=_REDIS_TIMEOUT,
                 )
                 self._client_pid = os.getpid()
             return operation(self._client)
         except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
-            self._down_until = time.monotonic() + _REDIS_RETRY_AFTER
+            self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
             raise _RedisDown(type(exc).__name__) from exc
 
     def read(self) -> _State | None:
-        raw = self._call(lambda r: r.get(self.key))
+        """The state in Redis, checked as the cache file is (and as large at most)."""
+        raw = self._call(lambda r: r.eval(_REDIS_READ, 1, self.key, _MAX_BODY))
         if raw is None:
+            return None
+        if isinstance(raw, int):
+            _log.debug("ignoring the Redis cache %s: too large (%d bytes)", self.label, raw)
             return None
         state = _parse_state(raw)
         if state is None:
@@ -1233,7 +1386,7 @@ class _RedisCache:
 
     def write(self, state: _State, replacing: _Secret | None) -> None:
         now = _now()
-        useful_until = max((*state.window(now), -math.inf)) + _TOKEN_REQUEST_WINDOW
+        useful_until = max(state.window(now), default=now) + _TOKEN_REQUEST_WINDOW
         if state.token is not None:
             useful_until = max(useful_until, state.token.expires_at)
         ttl_ms = max(int((useful_until - now) * 1000), 1000)
@@ -1257,18 +1410,41 @@ class _RedisCache:
     def locked(self, deadline: float) -> Iterator[None]:
         owner = os.urandom(16).hex()
         ttl_ms = int(_REDIS_LOCK_TTL * 1000)
+        checked = False
         while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
+            if not checked:
+                # A lock without a TTL was not set by this protocol; give it one,
+                # so that it ends like a dead holder's instead of never.
+                self._call(lambda r: r.eval(_REDIS_EXPIRE_FOREVER, 1, self.lock_key, ttl_ms))
+                checked = True
             if time.monotonic() >= deadline:
-                raise EdrvAuthError(
-                    f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token lock in "
-                    f"Redis {self.label} (another process holds it)"
-                )
+                # A lock that never expires (a holder that set no TTL) must not
+                # stop the fleet: leave Redis alone for a while, use the file.
+                _log.debug("timed out waiting for the token lock in Redis %s", self.label)
+                self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
+                raise _RedisDown("its token lock was held too long")
             time.sleep(_REDIS_LOCK_POLL)
         try:
             yield
         finally:
             with contextlib.suppress(OSError):
                 self._call(lambda r: r.eval(_REDIS_RELEASE, 1, self.lock_key, owner))
+
+
+def _redis_label(url: _Secret) -> tuple[str, str]:
+    """(what is wrong with a Redis URL or "", a label for it without user or password)."""
+    parts = urllib.parse.urlsplit(url.value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "redis_url must be a redis://, rediss:// or unix:// URL", ""
+    if parts.scheme == "unix":
+        return "", f"unix://{parts.path}"
+    if not parts.hostname:
+        return "redis_url has no host", ""
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return "redis_url has an invalid port", ""
+    return "", f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
 
 
 class _RedisDown(OSError):
@@ -1293,6 +1469,17 @@ end
 if held ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
+"""
+#: Read the state unless it is larger than ARGV[1] bytes: then only its size.
+_REDIS_READ: Final = """
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return size end
+return redis.call('GET', KEYS[1])
+"""
+#: Give a lock that never expires (PTTL -1) the TTL ARGV[1] that ours have.
+_REDIS_EXPIRE_FOREVER: Final = """
+if redis.call('PTTL', KEYS[1]) == -1 then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
 """
 #: Release the lock only if we still own it.
 _REDIS_RELEASE: Final = """
@@ -1334,7 +1521,12 @@ def _parse_state(raw: bytes) -> _State | None:
     if token is None and token_data is not None:
         return None
     requests = tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:])
-    return _State(token, requests, None if renewed_at is None else float(renewed_at))
+    # Absent (older writers), or not a retry time we would have set: ignored.
+    renew_after: float | None = None
+    if _is_number(data.get("renew_after")):
+        renew_after = float(data["renew_after"])
+        renew_after = renew_after if renew_after <= _now() + _RENEW_RETRY + _CLOCK_SKEW else None
+    return _State(token, requests, None if renewed_at is None else float(renewed_at), renew_after)
 
 
 def _default_cache_dir() -> Path:
@@ -1567,6 +1759,27 @@ def _credentials(
     return client_id, client_secret, None
 
 
+def _require_filelock() -> None:
+    """Refuse client-credentials mode at once when ``filelock`` cannot be imported.
+
+    The vendored file may land where filelock is missing; without this check a
+    warm cache would work until the first renewal, which then died with a
+    ModuleNotFoundError. Finding the module is cheap; importing it waits.
+    """
+    if sys.modules.get("filelock") is not None:
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("filelock") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["filelock"] is None
+        found = False
+    if not found:
+        raise EdrvAuthError(
+            "edrv_auth needs the filelock package for its token cache: pip install filelock"
+        )
+
+
 def _env_secret(name: str) -> _Secret | None:
     """A secret environment variable, masked; empty means unset."""
     return _Secret(os.environ[name]) if os.environ.get(name) else None
@@ -1768,7 +1981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "exit status:\n"
         "  0  success\n"
         "  1  the token request or the cache failed (wrong secret, eDRV unreachable)\n"
-        "  2  usage or configuration error (no credentials, a bad URL)",
+        "  2  usage or configuration error (no credentials, a bad URL)\n"
+        "  130  interrupted (Ctrl-C)",
     )
     parser.add_argument("--version", action="version", version=f"edrv_auth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1799,7 +2013,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             print(auth.get_token())
         elif args.command == "clear":
-            auth.clear()
+            failed = auth._clear()
+            if failed:
+                print(
+                    f"edrv_auth: could not clear the cached token in {', '.join(failed)}",
+                    file=sys.stderr,
+                )
+                return 1
             print("cleared the cached token" if auth._api_key is None else "API key mode: no cache")
         else:
             print(_status(auth))

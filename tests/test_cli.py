@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,66 @@ def test_broken_pipe_is_quiet(fake_env: FakeEdrv) -> None:
     )
     assert result.stdout.startswith("cache: ")
     assert "Traceback" not in result.stderr
+
+
+def test_fifo_in_place_of_the_cache_file_never_hangs(
+    fake_env: FakeEdrv, clean_env: Path, leak_watch: LeakWatch
+) -> None:
+    """A FIFO where the cache file belongs blocks none of `status`, `clear` and `token`."""
+    path = edrv_auth.EdrvAuth()._cache.path
+    clean_env.mkdir(mode=0o700)
+    os.mkfifo(path, 0o600)
+    for command in ("status", "clear", "token"):
+        result = run_cli(command)  # a hang is a TimeoutExpired after 30 s
+        assert leak_watch.leaks(result.stderr) == []
+        assert (command, result.returncode, result.stderr) == (command, 0, "")
+    assert result.stdout.strip() in fake_env.issued_tokens
+    assert stat.S_ISREG(os.lstat(path).st_mode)  # the token's file replaced the FIFO
+    assert fake_env.token_requests == 1
+
+
+def test_clear_that_cannot_change_the_cache_says_so_and_exits_1(
+    fake_env: FakeEdrv, clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clear` on a cache folder it may not change names it, exits 1, and claims nothing."""
+    token = edrv_auth.EdrvAuth().get_token()
+    if os.geteuid() == 0:
+        os.chown(clean_env, 65534, 65534)  # root may write anywhere: another user's folder
+    else:  # pragma: no cover - the suite normally runs as root
+        os.chmod(clean_env, 0o500)
+    try:
+        assert edrv_auth.main(["clear"]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.startswith(f"edrv_auth: could not clear the cached token in {clean_env} (")
+        assert err.count("\n") == 1
+    finally:
+        os.chown(clean_env, os.getuid(), os.getgid())
+        os.chmod(clean_env, 0o700)
+    assert edrv_auth.EdrvAuth().get_token() == token  # still cached: nothing was cleared
+    assert fake_env.token_requests == 1
+
+
+def test_ctrl_c_while_waiting_for_a_token_exits_130(fake_env: FakeEdrv) -> None:
+    """SIGINT during a slow token request ends `token` with status 130 and no traceback."""
+    fake_env.token_delay = 10
+    child = subprocess.Popen(
+        [sys.executable, "-m", "edrv_auth", "token"],
+        cwd=MODULE_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while fake_env.token_requests == 0:  # the request is in flight: the CLI waits on it
+            assert time.monotonic() < deadline, "the CLI never asked for a token"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert (child.returncode, out) == (130, "")
+    assert "Traceback" not in err

@@ -6,6 +6,7 @@ The clock is injected (`clock` fixture); no test sleeps to reach an expiry.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -157,3 +158,112 @@ def test_reading_the_shared_cache_is_logged(
     leak_watch.messages.clear()
     make_auth().get_token()
     assert any("using the token in the shared cache" in m for m in leak_watch.messages)
+
+
+# ---- bogus lifetimes, and renewals that fail ----------------------------------
+
+
+def test_millisecond_lifetime_does_not_turn_calls_into_token_requests(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A token said to live 1 ms is used on: 30 API calls cause at most 5 token requests."""
+    for _ in range(30):  # the token itself stays valid: only its stated lifetime is bogus
+        body = {"access_token": fake.issue_token(3600), "expires_in": 0.001}
+        fake.queue_token_response(200, body)
+    auth = make_auth()
+    statuses = []
+    with requests.Session() as session:
+        for _ in range(30):
+            statuses.append(session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code)
+            clock.advance(0.01)  # each call sees its token "expired" by then
+    assert statuses == [200] * 30
+    assert fake.token_requests <= 5
+
+
+def test_millisecond_token_that_really_dies_is_capped(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A token that really dies after 1 ms: 30 calls, at most 5 token requests, whatever happens."""
+    fake.expires_in = 0.001
+    auth = make_auth()
+    outcomes: set[object] = set()
+    with requests.Session() as session:
+        for _ in range(30):
+            try:
+                outcomes.add(session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code)
+            except TokenRequestError as exc:  # the cap speaks, and nothing else may
+                outcomes.add("capped" if "not requesting a token" in str(exc) else str(exc))
+            clock.advance(0.01)
+    assert fake.token_requests <= 5
+    assert outcomes <= {200, 401, "capped"}
+
+
+def test_failed_renewal_keeps_the_current_token_and_retries_later(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal failing with most of the token's life left: same token, one WARNING, no storm."""
+    auth = make_auth()
+    first = auth.get_token()
+    clock.advance(fake.expires_in - 250)  # past refresh_at (margin 300 s), 250 s before expiry
+    for _ in range(3):
+        fake.queue_token_response(503, {"error": "temporarily_unavailable"})
+    with requests.Session() as session:
+        for _ in range(10):  # one renewal attempt, then the token is served from memory
+            response = session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+            assert response.status_code == 200
+        assert fake.api_auth_headers[-1] == f"Bearer {first}"
+        assert fake.token_requests == 2
+        clock.advance(edrv_auth._RENEW_RETRY - 1)
+        assert auth.get_token() == first
+        assert fake.token_requests == 2
+        clock.advance(1)  # the next try, which fails too: still the same token
+        assert [auth.get_token() for _ in range(5)] == [first] * 5
+        assert fake.token_requests == 3
+        clock.advance(edrv_auth._RENEW_RETRY)
+        assert auth.get_token() == first  # the third failure
+        assert make_auth().get_token() == first  # another process, too, from the cache
+        clock.advance(edrv_auth._RENEW_RETRY)
+        second = auth.get_token()  # eDRV is back
+        assert second != first
+        assert fake.token_requests == 5
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "could not renew the token" in warnings[0].getMessage()
+
+
+def test_failed_renewal_after_expiry_raises(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, no_sleep: list[float]
+) -> None:
+    """Once the kept token has expired, a renewal that fails raises: no expired token is sent."""
+    auth = make_auth()
+    auth.get_token()
+    clock.advance(fake.expires_in - 10)
+    fake.queue_token_response(503, "busy")
+    auth.get_token()  # kept: 10 s left
+    clock.advance(10)
+    for _ in range(3):
+        fake.queue_token_response(503, "busy")
+    with pytest.raises(TokenRequestError, match="HTTP 503"):
+        auth.get_token()
+    assert fake.token_requests == 5  # the first, one kept-renewal attempt, three retried ones
+
+
+def test_a_due_token_past_the_cap_is_served_from_memory_until_the_cap_allows(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due for renewal with the cap full: kept, and not looked up under the lock on every call."""
+    auth = make_auth()
+    token = fake.issue_token()
+    now = clock.now
+    due = edrv_auth._Token(edrv_auth._Secret(token), now - 3500, now + 100)  # refresh_at passed
+    auth._cache.write(edrv_auth._State(due, (now - 50,) * 5))
+    locked = []
+    real_locked = auth._cache.locked
+    monkeypatch.setattr(
+        auth._cache, "locked", lambda deadline: locked.append(1) or real_locked(deadline)
+    )
+    assert [auth.get_token() for _ in range(10)] == [token] * 10
+    assert (fake.token_requests, len(locked)) == (0, 1)
+    clock.advance(10)  # the cap allows one now: the renewal happens
+    assert auth.get_token() != token
+    assert fake.token_requests == 1

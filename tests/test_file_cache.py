@@ -393,6 +393,69 @@ def test_uncreatable_cache_dir_works_from_memory(
     assert len(_warnings(caplog)) == 1
 
 
+def test_group_writable_cache_folder_of_ours_is_made_private(
+    make_auth: MakeAuth, fake: FakeEdrv, clean_env: Path
+) -> None:
+    """An existing cache folder of ours that group or others may write is made 0700 first."""
+    clean_env.mkdir()
+    os.chmod(clean_env, 0o777)  # noqa: S103 - the folder under test must be that lax
+    auth = make_auth()
+    token = auth.get_token()
+    assert _mode(clean_env) == 0o700
+    _assert_holds_good_token(auth, token)
+    assert fake.token_requests == 1
+
+
+def test_cache_folder_of_another_user_is_not_used(
+    make_auth: MakeAuth,
+    fake: FakeEdrv,
+    clean_env: Path,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cache folder owned by another user is neither read nor written: memory, one warning."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root; this suite normally runs as root")
+    clean_env.mkdir(mode=0o700)
+    seeded = fake.issue_token()
+    planted = clean_env / make_auth()._cache.path.name
+    payload = json.dumps(_valid_payload(seeded)).encode()
+    _plant(planted, payload)
+    os.chown(clean_env, 65534, 65534)
+    auth = make_auth()
+    first = auth.get_token()
+    assert first != seeded  # the planted file, though ours, sits in a folder that is not
+    clock.advance(fake.expires_in)  # a renewal tries the folder again
+    assert auth.get_token() != first
+    assert fake.token_requests == 2
+    assert sorted(p.name for p in clean_env.iterdir()) == [planted.name]  # no lock, no write
+    assert planted.read_bytes() == payload
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "owned by another user" in warnings[0].getMessage()
+
+
+def test_symlink_in_place_of_the_cache_folder_is_not_used(
+    make_auth: MakeAuth,
+    fake: FakeEdrv,
+    clean_env: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A symbolic link where the cache folder belongs is not followed: memory, one warning."""
+    target = tmp_path / "chosen-by-someone"
+    target.mkdir(mode=0o700)
+    clean_env.symlink_to(target)
+    auth = make_auth()
+    token = auth.get_token()
+    assert auth.get_token() == token
+    assert make_auth().get_token() != token  # nothing shared through the link
+    assert list(target.iterdir()) == []
+    assert clean_env.is_symlink()
+    assert len(_warnings(caplog)) == 2  # one per instance
+    assert "a symlink" in _warnings(caplog)[0].getMessage()
+
+
 def test_cache_dir_deleted_while_running_is_recreated(
     make_auth: MakeAuth, fake: FakeEdrv, clock: Clock, clean_env: Path
 ) -> None:

@@ -41,7 +41,7 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, CLIENT_SECRET, LeakWatch
+from conftest import API_KEY, CLIENT_SECRET, Clock, LeakWatch
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -302,6 +302,50 @@ def test_storm_cap_leaks_nothing(make_auth: MakeAuth, fake: FakeEdrv, sweep: Swe
     sweep.check()
 
 
+def _failed_401_retry(fake: FakeEdrv, auth: edrv_auth.EdrvAuth) -> None:
+    """Expire the token server-side and make the retry's token request fail (HTTP 400)."""
+    auth.get_token()
+    fake.expire_all()
+    fake.queue_token_response(400, {"error": "invalid_client", "error_description": "revoked"})
+
+
+def test_failed_401_retry_leaks_nothing(make_auth: MakeAuth, fake: FakeEdrv, sweep: Sweep) -> None:
+    """A 401 whose retry cannot get a token raises, under requests and httpx, leaking nothing."""
+    url = f"{fake.url}/v1.1/chargestations"
+    calls: dict[str, Callable[[edrv_auth.EdrvAuth], object]] = {
+        "requests": lambda auth: requests.get(url, auth=auth, timeout=5),
+        "httpx sync": lambda auth: _httpx_sync_get(auth, url),
+        "httpx asyncio": lambda auth: asyncio.run(_httpx_async_get(auth, url)),
+        "httpx trio": lambda auth: trio.run(_httpx_async_get, auth, url),
+    }
+    for i, (name, call) in enumerate(calls.items()):
+        auth = sweep.watch(make_auth(cache_dir=sweep.tmp_path / f"cache-{i}"))
+        _failed_401_retry(fake, auth)
+        exc = sweep.error(f"failed 401 retry, {name}", lambda: call(auth))  # noqa: B023
+        assert (exc.status_code, exc.error) == (400, "invalid_client")
+    assert (fake.token_requests, fake.api_401s) == (8, 4)
+    sweep.check()
+
+
+def test_failed_renewal_leaks_nothing(
+    make_auth: MakeAuth, fake: FakeEdrv, sweep: Sweep, clock: Clock
+) -> None:
+    """A failed renewal (kept token, then after expiry an error) leaks nothing, logged or raised."""
+    auth = sweep.watch(make_auth())
+    token = auth.get_token()
+    clock.advance(fake.expires_in - 60)  # due, with a minute left: kept, with a WARNING
+    echo = {"error": "invalid_client", "error_description": f"revoked {CLIENT_SECRET}"}
+    fake.queue_token_response(400, echo)
+    assert auth.get_token() == token
+    clock.advance(61)
+    fake.queue_token_response(400, {"error": "invalid_client", "error_description": "revoked"})
+    exc = sweep.error("failed renewal", auth.get_token)
+    assert exc.status_code == 400
+    assert fake.token_requests == 3
+    assert any("could not renew" in text for _, text in sweep.handler.records)
+    sweep.check()
+
+
 # ---- token endpoint failures ------------------------------------------------------------
 
 
@@ -471,7 +515,9 @@ def test_lock_timeout_and_unusable_cache_folder_leak_nothing(
     sweep.check()
 
 
-def test_configuration_errors_leak_nothing(fake: FakeEdrv, sweep: Sweep) -> None:
+def test_configuration_errors_leak_nothing(
+    fake: FakeEdrv, sweep: Sweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Construction errors name the variables at fault, never the secret or the key given."""
     attempts: dict[str, Callable[[], object]] = {
         "key and credentials": lambda: edrv_auth.EdrvAuth("client", CLIENT_SECRET, api_key=API_KEY),
@@ -486,7 +532,17 @@ def test_configuration_errors_leak_nothing(fake: FakeEdrv, sweep: Sweep) -> None
         "plain http": lambda: edrv_auth.EdrvAuth(
             "client", CLIENT_SECRET, token_url="http://auth.example/oauth/token"
         ),
+        "redis port": lambda: edrv_auth.EdrvAuth(
+            "client", CLIENT_SECRET, redis_url=f"redis://user:{CLIENT_SECRET}@localhost:port/0"
+        ),
+        "redis host": lambda: edrv_auth.EdrvAuth(
+            "client", CLIENT_SECRET, redis_url=f"rediss://:{CLIENT_SECRET}@/0"
+        ),
+        "redis_url from the environment, bad timeout": lambda: edrv_auth.EdrvAuth(
+            "client", CLIENT_SECRET, timeout=-1
+        ),
     }
+    monkeypatch.setenv("EDRV_AUTH_REDIS_URL", f"redis://:{CLIENT_SECRET}@localhost:6379/0")
     for name, attempt in attempts.items():
         sweep.error(name, attempt)
     assert fake.token_requests == 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, Clock, LeakWatch
 from fake_edrv import FakeEdrv
 from redis_server import RedisServer, redis_data
 
@@ -338,3 +338,194 @@ def test_a_flushed_redis_does_not_cost_a_token_request(
         client.close()
     assert machine(cache_dir=tmp_path / "kept").get_token() == token
     assert fake.token_requests == 1
+
+
+# ---- what is read back is checked like the file ------------------------------------
+
+
+def _plant(redis_url: str, key: str, value: bytes) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(key, value)
+    finally:
+        client.close()
+
+
+def _state(token: str, obtained_at: float, expires_at: float, requests: list[float]) -> bytes:
+    document = {
+        "version": 1,
+        "token": {
+            "access_token": token,
+            "obtained_at": obtained_at,
+            "expires_at": expires_at,
+            "scope": "",
+        },
+        "token_requests": requests,
+    }
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize(
+    ("obtained_in", "expires_in"),
+    [(0, 1e15), (0, 31 * 86400), (3600, 7200)],
+    ids=["expires-at-1e15", "lifetime-31-days", "obtained-an-hour-ahead"],
+)
+def test_planted_redis_lifetimes_are_not_trusted(
+    fake: FakeEdrv,
+    machine: Callable[..., edrv_auth.EdrvAuth],
+    redis_url: str,
+    obtained_in: float,
+    expires_in: float,
+) -> None:
+    """A token in Redis with a lifetime over 30 days or from the future is replaced."""
+    auth = machine()
+    key = auth._stores[0].key  # type: ignore[attr-defined]
+    planted = fake.issue_token()
+    now = time.time()
+    _plant(redis_url, key, _state(planted, now + obtained_in, now + expires_in, []))
+    assert auth.get_token() != planted
+    assert fake.token_requests == 1
+
+
+def test_oversized_redis_value_is_not_read(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+) -> None:
+    """A value over 64 KiB is not fetched from Redis at all: its size is checked first."""
+    import redis
+
+    auth = machine()
+    key = auth._stores[0].key  # type: ignore[attr-defined]
+    _plant(redis_url, key, b" " * (4 * 1024 * 1024))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        sent_before = client.info("stats")["total_net_output_bytes"]
+        assert auth._stores[0].read() is None
+        sent = client.info("stats")["total_net_output_bytes"] - sent_before
+    finally:
+        client.close()
+    assert sent < 64 * 1024
+    assert auth.get_token() in fake.issued_tokens
+    assert fake.token_requests == 1
+
+
+def test_lock_without_ttl_falls_back_to_the_file_cache(
+    fake: FakeEdrv,
+    machine: Callable[..., edrv_auth.EdrvAuth],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    leak_watch: LeakWatch,
+) -> None:
+    """A Redis lock that never expires costs a cold process the lock timeout, then the file."""
+    monkeypatch.setattr(edrv_auth, "_LOCK_TIMEOUT", 0.5)
+    auth = machine()
+    _plant(redis_url, auth._stores[0].lock_key, b"a holder that set no TTL")  # type: ignore[attr-defined]
+    started = time.monotonic()
+    token = auth.get_token()
+    assert time.monotonic() - started < 5
+    assert token in fake.issued_tokens
+    assert auth._cache.read() is not None  # saved in the file cache
+    assert any("using" in m and "instead" in m for m in leak_watch.messages)
+    assert fake.token_requests == 1
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:  # the stuck lock now ends like a dead holder's: the fleet recovers by itself
+        assert 0 < client.pttl(auth._stores[0].lock_key) <= edrv_auth._REDIS_LOCK_TTL * 1000  # type: ignore[attr-defined]
+    finally:
+        client.close()
+
+
+def test_unreachable_token_endpoint_with_redis_is_a_token_request_error(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], no_sleep: list[float]
+) -> None:
+    """Redis, a cold cache and a token endpoint refusing connections: TokenRequestError."""
+    from redis_server import free_port
+
+    auth = machine(token_url=f"http://127.0.0.1:{free_port()}/oauth/token")
+    with pytest.raises(edrv_auth.TokenRequestError, match="could not reach"):
+        auth.get_token()
+    assert len(no_sleep) == 2  # three attempts, as without Redis
+
+
+# ---- the Redis protocol itself ------------------------------------------------------
+
+
+def test_compare_and_swap_does_not_replace_another_token(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+) -> None:
+    """A write replacing a token that Redis no longer holds changes nothing (the Lua CAS)."""
+    auth = machine()
+    current = auth.get_token()
+    store = auth._stores[0]
+    before = redis_data(redis_url)
+    now = time.time()
+    newer = edrv_auth._State(edrv_auth._Token(edrv_auth._Secret("test-newer"), now, now + 60))
+    store.write(newer, edrv_auth._Secret("test-some-older-token"))
+    assert redis_data(redis_url) == before
+    store.write(newer, edrv_auth._Secret(current))  # the token it holds: swapped
+    state = store.read()
+    assert state is not None
+    assert state.token is not None
+    assert state.token.access_token.value == "test-newer"
+
+
+def test_lock_release_leaves_another_owners_lock(
+    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+) -> None:
+    """A holder whose lock expired and was taken by another releases nothing of theirs."""
+    store = machine()._stores[0]
+    with store.locked(time.monotonic() + 5):
+        _plant(redis_url, store.lock_key, b"another owner")  # type: ignore[attr-defined]
+    assert redis_data(redis_url)[store.lock_key.encode()] == b"another owner"  # type: ignore[attr-defined]
+
+
+def test_unreachable_redis_is_tried_again_30_s_later(
+    fake: FakeEdrv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    """Redis unreachable at first is left alone for 30 s, then used again."""
+    server = RedisServer()  # its port is known, and nothing listens on it yet
+    ticks = [time.monotonic()]
+    monkeypatch.setattr(edrv_auth, "_redis_clock", lambda: ticks[0])
+    auth = edrv_auth.EdrvAuth(
+        CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
+        cache_dir=tmp_path / "local", redis_url=server.url,
+    )  # fmt: skip
+    first = auth.get_token()  # from the file cache: Redis is down
+    with server:
+        clock.advance(fake.expires_in)  # a renewal, 29 s later: Redis still left alone
+        ticks[0] += edrv_auth._REDIS_RETRY_AFTER - 1
+        second = auth.get_token()
+        assert redis_data(server.url) == {}
+        clock.advance(fake.expires_in)  # and one just past the 30 s
+        ticks[0] += 1
+        third = auth.get_token()
+        data = redis_data(server.url)
+    assert len({first, second, third}) == 3
+    assert list(data) == [auth._stores[0].key.encode()]  # type: ignore[attr-defined]
+    assert json.loads(data[auth._stores[0].key.encode()])["token"]["access_token"] == third  # type: ignore[attr-defined]
+
+
+def test_a_flushed_redis_is_filled_again_by_the_next_renewal(
+    fake: FakeEdrv,
+    machine: Callable[..., edrv_auth.EdrvAuth],
+    redis_url: str,
+    tmp_path: Path,
+    clock: Clock,
+) -> None:
+    """The renewal after a flush writes Redis again, though the file mirrors an older token."""
+    import redis
+
+    auth = machine(cache_dir=tmp_path / "kept")
+    first = auth.get_token()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    clock.advance(fake.expires_in)
+    second = auth.get_token()
+    assert second != first
+    assert machine().get_token() == second  # a new machine finds it in Redis
+    assert fake.token_requests == 2

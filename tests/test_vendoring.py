@@ -91,3 +91,36 @@ def test_vendored_command_line(vendored: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "token" in result.stdout
+
+
+WITHOUT_FILELOCK = """
+import sys
+sys.modules["filelock"] = None
+import edrv_auth
+assert edrv_auth.__file__ == {file!r}
+try:
+    edrv_auth.EdrvAuth()
+except edrv_auth.EdrvAuthError as exc:
+    print(exc)
+else:
+    print("constructed")
+print(edrv_auth.EdrvAuth(client_id=None, client_secret=None, api_key="test-key").get_token())
+sys.argv = ["edrv_auth", "token"]
+sys.exit(edrv_auth.main())
+"""
+
+
+def test_vendored_without_filelock_says_what_to_install(
+    fake_env: FakeEdrv, vendored: Path, leak_watch: LeakWatch
+) -> None:
+    """Without filelock, construction says `pip install filelock`, and the CLI in one line."""
+    result = run_script(vendored, WITHOUT_FILELOCK.format(file=str(vendored / "edrv_auth.py")))
+    refusal, key = result.stdout.splitlines()
+    assert "pip install filelock" in refusal
+    assert key == "test-key"  # API-key mode needs no cache, hence no filelock
+    assert result.returncode == 2
+    assert result.stderr.startswith("edrv_auth: ")
+    assert "pip install filelock" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert fake_env.token_requests == 0  # refused before anything was sent
+    assert leak_watch.leaks(result.stdout, result.stderr) == []
