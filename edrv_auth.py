@@ -1699,9 +1699,13 @@ def _proxy_for(scheme: str, host: str, port: int) -> _Proxy | str | None:
 
 
 def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
-    """Whether ``NO_PROXY`` excludes ``host``: ``*``, a domain and its subdomains
-    (``example.com``, ``.example.com``, ``*.example.com``), an IP address or
-    network (``10.0.0.0/8``), each optionally with ``:port``.
+    """Whether ``NO_PROXY`` excludes ``host``, as requests (and curl) read it.
+
+    ``*`` excludes every host; ``example.com``, ``.example.com`` and
+    ``*.example.com`` the domain and its subdomains (a leading dot is ignored,
+    as urllib does for requests; httpx alone would read it as subdomains only);
+    an IP address or network (``10.0.0.0/8``) the addresses in it; each
+    optionally with ``:port``. Names compare without regard to case.
     """
     import ipaddress
 

@@ -522,15 +522,16 @@ def test_deeply_nested_cache_file_is_ignored(make_auth: MakeAuth, fake: FakeEdrv
 def test_huge_integer_expires_in_is_a_token_request_error(
     make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch
 ) -> None:
-    """A 200 whose expires_in is a 400-digit integer is clamped or refused, never OverflowError."""
+    """A 200 whose expires_in is a 400-digit integer is refused like `Infinity`: no float holds
+    it, so it is no usable lifetime (a huge float, 1e12, is clamped instead)."""
+    leak_watch.secrets.add("issued-abcdefgh")
     body = b'{"access_token": "issued-abcdefgh", "expires_in": 1' + b"0" * 400 + b"}"
     fake.queue_token_response(200, body, {"Content-Type": "application/json"})
-    try:
-        token = make_auth(timeout=2).get_token()
-    except EdrvAuthError as exc:
-        _check_message(exc, leak_watch)
-    else:
-        assert token == "issued-abcdefgh"
+    with pytest.raises(TokenRequestError, match="invalid expires_in") as info:
+        make_auth(timeout=2).get_token()
+    assert info.value.status_code == 200
+    _check_message(info.value, leak_watch)
+    assert fake.token_requests == 1
 
 
 @pytest.mark.parametrize("status", [200, 401, 502])
