@@ -198,8 +198,22 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
       only if the cache still holds it, and never asks eDRV for more than
       ``5`` tokens a minute per credential set, across all processes.
 
-    Construction sends nothing and writes nothing; see ``CONTRACT.md`` and the
-    README for every argument and environment variable.
+    - The token request trusts what requests and httpx trust in the same
+      environment (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+      ``SSL_CERT_FILE``, ``SSL_CERT_DIR``, else certifi, else the system
+      store) unless ``verify`` names a CA bundle file or folder or is an
+      ``ssl.SSLContext``; ``verify=False`` is refused. It goes through the
+      proxy that ``HTTPS_PROXY`` or ``ALL_PROXY`` names unless ``NO_PROXY``
+      excludes the host, and each attempt ends by ``timeout``.
+
+    Note:
+        An instance given ``verify=`` an ``ssl.SSLContext`` does not pickle
+        (pickling raises ``EdrvAuthError``): a context cannot cross processes.
+        Pass the path of a CA bundle instead where instances are sent to other
+        processes.
+
+    Construction sends nothing and writes nothing; see the README for every
+    argument and environment variable.
     """
 
     def __init__(

@@ -173,6 +173,34 @@ def test_verify_path_wins_over_the_environment(
         make_tls_auth(cache_dir=Path(os.environ["EDRV_AUTH_CACHE_DIR"]) / "other").get_token()
 
 
+@pytest.mark.parametrize(
+    ("requests_variable", "httpx_variable"),
+    [("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"), ("CURL_CA_BUNDLE", "SSL_CERT_DIR")],
+)
+@pytest.mark.parametrize("which", ["requests", "httpx"])
+def test_requests_and_httpx_variables_together_trust_both(
+    make_tls_auth: Callable[..., EdrvAuth],
+    ca: TestCA,
+    stranger: TestCA,
+    monkeypatch: pytest.MonkeyPatch,
+    requests_variable: str,
+    httpx_variable: str,
+    which: str,
+) -> None:
+    """One variable of each library set, naming different CAs: the token request trusts both,
+    so whichever library the caller uses, what works for it works for the token request."""
+    folder = httpx_variable == "SSL_CERT_DIR"
+    named = {
+        requests_variable: ca.bundle if which == "requests" else stranger.bundle,
+        httpx_variable: (ca if which == "httpx" else stranger).folder
+        if folder
+        else (ca if which == "httpx" else stranger).bundle,
+    }
+    for variable, path in named.items():
+        monkeypatch.setenv(variable, str(path))
+    assert make_tls_auth().get_token()
+
+
 _CERTIFI_CHILD = """
 import sys, certifi
 certifi.where = lambda: sys.argv[1]  # before requests reads it at import
