@@ -624,18 +624,25 @@ def test_dripping_answer_ends_by_the_deadline_for_the_lock_holder_and_its_waiter
         )
 
     results: dict[tuple[str, str], dict[str, Any]] = {}
+    children: list[subprocess.Popen[str]] = []
     try:
         holders = {part: spawn(part) for part in servers}
+        children += holders.values()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not all(s.connections for s in servers.values()):
             time.sleep(0.02)
         waiters = {part: spawn(part) for part in servers}  # wait for their holder's lock
-        for role, children in (("holder", holders), ("waiter", waiters)):
-            for part, child in children.items():
+        children += waiters.values()
+        for role, group in (("holder", holders), ("waiter", waiters)):
+            for part, child in group.items():
                 out, err = child.communicate(timeout=45)
                 assert child.returncode == 0, err
                 results[part, role] = json.loads(out)
     finally:
+        for child in children:  # a child still running here failed the deadline
+            if child.poll() is None:
+                child.kill()
+            child.communicate()
         for server in servers.values():
             server.stop()
     for (part, role), result in sorted(results.items()):
