@@ -31,6 +31,7 @@ import pytest
 import requests
 from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch
 from fake_edrv import FakeEdrv
+from test_leaks import reporter_view
 from transport_helpers import ConnectProxy, DripServer, TestCA
 
 import edrv_auth
@@ -288,7 +289,7 @@ def test_untrusted_certificate_names_the_fix_and_is_not_retried_or_counted(
         assert "could not reach" not in message
         assert "check the network" not in message
         assert info.value.status_code is None
-        assert leak_watch.leaks(message) == []
+        assert leak_watch.leaks(message, *(text for _, text in reporter_view(info.value))) == []
     assert no_sleep == []
     assert _cap_record(auth) == ()
     assert (tls_fake.token_requests, tls_fake.api_requests) == (0, 0)
@@ -685,6 +686,36 @@ def test_slow_connect_through_a_dead_proxy_is_bounded(
     assert elapsed < 3 * 0.5 + 1.0
     assert len(no_sleep) == 2
     assert _cap_record(auth) == ()  # the proxy never forwarded anything
+
+
+def test_silent_tls_handshake_is_bounded_and_not_counted(
+    clean_env: Path, no_sleep: list[float]
+) -> None:
+    """An endpoint that accepts and never answers the TLS ClientHello: each attempt ends by
+    timeout, and none counts towards the cap (the form was never sent)."""
+
+    class Silent(ConnectProxy):
+        def _serve(self, conn: Any) -> None:
+            self._stop.wait(30)
+
+    silent = Silent().start()
+    try:
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url=f"https://127.0.0.1:{silent.port}/oauth/token",
+            cache_dir=clean_env,
+            timeout=0.5,
+        )
+        started = time.monotonic()
+        with pytest.raises(TokenRequestError, match=r"TLS handshake .* timed out"):
+            auth.get_token()
+        elapsed = time.monotonic() - started
+    finally:
+        silent.stop()
+    assert elapsed < 3 * 0.5 + 1.0
+    assert (silent.connections, len(no_sleep)) == (3, 2)
+    assert _cap_record(auth) == ()
 
 
 def test_debuglevel_set_by_the_user_never_prints_the_form(
