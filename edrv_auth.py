@@ -1531,7 +1531,9 @@ def _post(
     finally:
         for opened in reversed(sockets):
             opened.close()
-    return failure or _Failure(TokenRequestError("no answer"), reached=True, retry=True)
+    if failure is None:  # pragma: no cover - every path above returns or sets it
+        raise AssertionError("no answer and no failure")
+    return failure
 
 
 def _left(deadline: float) -> float:

@@ -1,4 +1,4 @@
-"""The token request trusts, routes and times out like requests and httpx (behaviour 14, 7).
+"""The token request trusts, routes and times out like requests and httpx do.
 
 Real TLS and real tunnels: the fake eDRV serves HTTPS at ``https://localhost:PORT`` with a
 certificate from a throwaway CA, token endpoint and API both; a CONNECT proxy on loopback
