@@ -827,3 +827,21 @@ def test_retries_of_two_clients_do_not_sleep_alike(
             make_auth(cache_dir=tmp_path / f"client-{i}").get_token()
     assert len(no_sleep) == 4
     assert no_sleep[:2] != no_sleep[2:]
+
+
+def test_subject_hash_matches_openssl(ca: TestCA) -> None:
+    """The tests' own c_rehash name for the CA is the one `openssl x509 -hash` gives."""
+    import shutil
+
+    from transport_helpers import subject_hash
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to compare with (the SSL_CERT_DIR tests still run)")
+    expected = subprocess.run(
+        [openssl, "x509", "-hash", "-noout", "-in", str(ca.bundle)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert subject_hash(ca.bundle.read_bytes()) == expected

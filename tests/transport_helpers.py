@@ -18,7 +18,6 @@ import contextlib
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,7 @@ class TestCA:
         self.ca.cert_pem.write_to_path(str(self.bundle))
         self.folder = folder / "hashed"
         self.folder.mkdir()
-        openssl = shutil.which("openssl")
-        if openssl is None:  # pragma: no cover - openssl ships with every CI image we use
-            raise RuntimeError("the SSL_CERT_DIR tests need the openssl command")
-        subject_hash = subprocess.run(
-            [openssl, "x509", "-hash", "-noout", "-in", str(self.bundle)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        shutil.copy(self.bundle, self.folder / f"{subject_hash}.0")
+        shutil.copy(self.bundle, self.folder / f"{subject_hash(self.ca.cert_pem.bytes())}.0")
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -58,6 +48,45 @@ class TestCA:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         return context
+
+
+def subject_hash(pem: bytes) -> str:
+    """OpenSSL's ``x509 -hash`` of a certificate's subject: the name ``c_rehash`` gives it.
+
+    The first 4 bytes (little-endian) of the SHA-1 of the subject's canonical encoding: each
+    RDN's SET, values as lower-cased UTF8String with runs of spaces collapsed, without the
+    outer SEQUENCE. Computed here so that the tests need no ``openssl`` command.
+    """
+    import hashlib
+
+    from cryptography import x509  # installed with trustme
+
+    def tlv(tag: int, body: bytes) -> bytes:
+        size = len(body)
+        length = bytes([size]) if size < 0x80 else bytes([0x80 | 1, size])  # names are short
+        return bytes([tag]) + length + body
+
+    def oid(dotted: str) -> bytes:
+        first, second, *rest = (int(part) for part in dotted.split("."))
+        body = bytes([40 * first + second])
+        for number in rest:
+            septets = [number & 0x7F]
+            number >>= 7
+            while number:
+                septets.append(0x80 | (number & 0x7F))
+                number >>= 7
+            body += bytes(reversed(septets))
+        return tlv(0x06, body)
+
+    canonical = b""
+    for rdn in x509.load_pem_x509_certificate(pem).subject.rdns:
+        entries = b""
+        for attribute in rdn:
+            value = " ".join(str(attribute.value).split()).lower().encode()
+            entries += tlv(0x30, oid(attribute.oid.dotted_string) + tlv(0x0C, value))
+        canonical += tlv(0x31, entries)
+    digest = hashlib.sha1(canonical).digest()  # noqa: S324 - OpenSSL's name hash, not security
+    return f"{int.from_bytes(digest[:4], 'little'):08x}"
 
 
 class _Listener:
