@@ -1487,6 +1487,8 @@ def _post(
         context, trusted = trust
     elif proxy is not None:
         target = url  # plain http through a proxy: the request names the whole URL
+    if proxy is not None:
+        _log.debug("token request through the proxy %s", proxy.label)
     where = f"the token endpoint {url}" if proxy is None else f"the proxy {proxy.label}"
     stage = "connect"
     sockets: list[socket.socket] = []
@@ -1802,6 +1804,7 @@ def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | 
             return f"cannot load the CA certificates of {label}: {_clean(str(reason))}"
         if context is None:  # pragma: no cover - `sources` is never empty here
             raise AssertionError("no trust source")
+        _log.debug("the token request trusts %s", label)
         _contexts[key] = context
     return context, label
 
