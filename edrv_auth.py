@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 # lock, the command line), which keeps `import edrv_auth` cheap.
 if TYPE_CHECKING:
     import email.message
+    import ssl
     import urllib.request
     from typing import Protocol
 
@@ -224,6 +226,17 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         redis_url: Share the token across machines through Redis
             (``pip install 'edrv-auth[redis]'``). Default:
             ``$EDRV_AUTH_REDIS_URL``.
+        verify: What the token request trusts. ``True`` (the default) trusts
+            what requests and httpx trust in the same environment: the CA
+            bundles named by ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+            ``SSL_CERT_FILE`` or ``SSL_CERT_DIR``, else certifi's bundle, else
+            the system's store. A CA bundle file or folder, or an
+            ``ssl.SSLContext``, is used as given. ``False`` is refused: the
+            request carries the client secret.
+
+    The token request goes through the proxy that ``HTTPS_PROXY`` or
+    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as requests and
+    httpx do, and each attempt ends by ``timeout``.
 
     An argument you pass wins over its environment variable; an empty
     variable counts as unset. Creating the object sends nothing and writes
@@ -236,6 +249,12 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             a user name or password. At request time, for a request to another
             origin than ``api_url``. ``get_token`` raises the subclass
             ``TokenRequestError`` when eDRV gives no token.
+
+    Note:
+        An instance given ``verify=`` an ``ssl.SSLContext`` does not pickle
+        (pickling raises ``EdrvAuthError``): a context cannot cross processes.
+        Pass the path of a CA bundle instead where instances are sent to other
+        processes.
     """
 
     # Maintainers: get_token(), aget_token() and the three adapters (__call__
@@ -260,6 +279,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         refresh_margin: float = 300.0,
         timeout: float = 10.0,
         redis_url: str | None = None,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
     ) -> None:
         # Only masked secrets from here on: this frame may raise.
         secret, key = _masked(client_secret), _masked(api_key)
@@ -274,6 +294,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
         api_url = _setting(api_url, _DEFAULT_API_URL, _ENV_API_URL)
         self._token_url = _checked_url("token_url", token_url)
+        if _has_userinfo(audience):
+            raise EdrvAuthError("audience must not contain a user name or password")
         self._audience = audience
         self._api_url = _checked_url("api_url", api_url)
         self._api_origin = _origin(self._api_url)
@@ -295,6 +317,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
         self._refresh_margin = float(refresh_margin)
         self._timeout = float(timeout)
+        # Trust for the token request, as requests and httpx trust; the SSL context
+        # itself is built at the first token request, once per process.
+        self._verify = _checked_verify(verify)
         directory = cache_dir or _env(_ENV_CACHE_DIR)
         cache_key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
         self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key)
@@ -320,6 +345,14 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     # caches do the same for their FileLock and Redis client.
 
     def __getstate__(self) -> dict[str, object]:
+        if not isinstance(self._verify, (bool, str)):
+            # An SSLContext does not pickle; say so here rather than with a
+            # TypeError from deep inside multiprocessing.
+            raise EdrvAuthError(
+                "this EdrvAuth cannot be pickled: verify= is an ssl.SSLContext, which cannot "
+                "cross processes; pass verify= the path of a CA bundle instead, or create "
+                "the EdrvAuth in each process"
+            )
         state = self.__dict__.copy()
         state["_runtime"] = None
         state["_current"] = self._key_fresh()  # the child reads the shared cache instead
@@ -832,51 +865,41 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         """Ask the token endpoint for a token, retrying transient failures.
 
         Connection errors, timeouts, 429 and 5xx are retried with exponential
-        backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx
-        are final. ``sent`` receives the time of every attempt, for the shared
-        rate cap. Returns the parsed token.
+        backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx,
+        an untrusted certificate and a proxy refusing the tunnel are final. Each
+        attempt ends by ``timeout``, and all of them within `_FETCH_DEADLINE`.
+        ``sent`` receives the time of every attempt that reached the endpoint,
+        for the shared rate cap. Returns the parsed token.
+
+        Nothing here holds the secret, the answer or a token in a plain local,
+        and every error is raised outside an ``except`` block: error reporters
+        collect the locals of each frame of an error and of its chained ones.
         """
-        form = urllib.parse.urlencode(
-            {
-                "grant_type": "client_credentials",
-                "client_id": self._client_id or "",
-                "client_secret": self._client_secret.value if self._client_secret else "",
-                "audience": self._audience,
-            }
-        ).encode()
-        secret = self._client_secret.value if self._client_secret else ""
-        # The form carries the secret URL-encoded: a proxy may echo it that way.
-        secrets = (secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe=""))
-        started = time.monotonic()
+        redactor = _Redactor(self._client_id, self._client_secret)
+        started = _monotonic()
         for attempt in range(1, attempts + 1):
             _log.debug("requesting a token from %s (attempt %d)", self._token_url, attempt)
             obtained_at = _now()
-            retry_after: float | None = None
-            try:
-                status, headers, body = _post(self._token_url, form, self._timeout)
-            except OSError as exc:
-                if not _never_connected(exc):
-                    sent.append(obtained_at)
-                error = TokenRequestError(
-                    f"could not reach the token endpoint {self._token_url}: {_describe(exc)} "
-                    f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})"
-                )
-            else:
+            answer = _post(self._token_url, _token_form(self), self._timeout, self._verify)
+            if isinstance(answer, _Answer):
                 sent.append(obtained_at)
-                if 200 <= status < 300:
-                    return _parse_token(status, headers, body, obtained_at, secrets)
-                error = _token_error(self._token_url, status, headers, body, secrets)
-                if status != 429 and status < 500:
-                    raise error
-                retry_after = _retry_after(headers.get("Retry-After"))
-                if retry_after is not None and retry_after > _RETRY_AFTER_CAP:
-                    raise error
-            delay = _backoff(attempt, retry_after)
-            if attempt == attempts or time.monotonic() - started + delay + self._timeout > (
-                _FETCH_DEADLINE
+                outcome = _judge(self._token_url, answer, redactor, obtained_at)
+                if isinstance(outcome, _Token):
+                    return outcome
+            else:
+                outcome = answer
+                if outcome.reached:
+                    sent.append(obtained_at)
+            delay = _backoff(attempt, outcome.retry_after)
+            if (
+                not outcome.retry
+                or attempt == attempts
+                or _monotonic() - started + delay + self._timeout > _FETCH_DEADLINE
             ):
-                raise error
-            _log.debug("token request failed (%s); retrying in %.2f s", error.status_code, delay)
+                raise outcome.error
+            _log.debug(
+                "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
+            )
             _sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1550,55 +1573,528 @@ def _default_cache_dir() -> Path:
 
 # ---- Token endpoint: transport and parsing (pure where possible) ----------
 
+# The token request is made with the standard library (socket, ssl,
+# http.client) rather than with the caller's session: it must not depend on
+# which HTTP library is installed, on the caller's adapters or hooks, and it
+# must never follow a redirect (the form holds the secret). It trusts and
+# routes like requests and httpx do in the same environment.
 
-def _post(url: str, form: bytes, timeout: float) -> tuple[int, email.message.Message, bytes]:
-    """POST ``form`` to ``url``; return status, headers and (capped) body.
+#: CA variables, in the order requests (first pair) and httpx (second pair) read them.
+_CA_VARIABLES: Final = (("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"), ("SSL_CERT_FILE", "SSL_CERT_DIR"))
+_TRUST_HINT: Final = (
+    "if a company proxy or a private CA signs it, set REQUESTS_CA_BUNDLE or SSL_CERT_FILE "
+    "to that CA's bundle, or pass verify= a CA bundle path or an ssl.SSLContext"
+)
+#: OpenSSL's verify codes for a certificate issued for another host or IP address.
+_NAME_MISMATCH: Final = frozenset({62, 64})
+#: RFC 6749 and RFC 6750 error codes, and a few common extensions: always shown.
+_OAUTH_ERRORS: Final = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+        "unsupported_response_type",
+        "server_error",
+        "temporarily_unavailable",
+        "invalid_token",
+        "insufficient_scope",
+        "too_many_requests",
+    }
+)
+#: Other `error` values are shown only in this shape (and never echoing the secret).
+_ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
+#: Built SSL contexts, one per trust configuration and process (a context is
+#: costly to build: certifi's bundle alone holds about 150 certificates).
+_contexts: dict[tuple[int, tuple[tuple[str, str], ...]], ssl.SSLContext] = {}
+# Indirection for tests of the overall deadline; each attempt's own deadline is
+# always real time, since sockets wait in real time.
+_monotonic: Callable[[], float] = time.monotonic
 
-    The stdlib client keeps the token request independent of the caller's
-    session and of which HTTP library is installed; it honours the usual proxy
-    environment variables. It never follows a redirect: the form holds the
-    secret. A malformed answer raises ``ConnectionError``, like a dropped one.
+
+class _Answer:
+    """An HTTP answer from the token endpoint.
+
+    Its body may hold a token, or echo the form with the client secret in it,
+    so it lives in this object, whose ``repr`` shows the status only, and never
+    in a ``bytes`` local of a frame that may raise.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: email.message.Message, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"_Answer(status={self.status})"
+
+
+class _Failure:
+    """A failed attempt: the error to raise, and what it means for retries and the cap.
+
+    ``reached``: the request may have reached the endpoint, so it counts towards
+    the rate cap. ``retry``: another attempt may succeed.
+    """
+
+    __slots__ = ("error", "reached", "retry", "retry_after")
+
+    def __init__(
+        self,
+        error: TokenRequestError,
+        *,
+        reached: bool,
+        retry: bool,
+        retry_after: float | None = None,
+    ) -> None:
+        self.error = error
+        self.reached = reached
+        self.retry = retry
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"_Failure({self.error!r}, reached={self.reached}, retry={self.retry})"
+
+
+class _Proxy:
+    """The proxy for the token request; ``authorization`` is its masked Basic credential."""
+
+    __slots__ = ("authorization", "host", "label", "port")
+
+    def __init__(self, host: str, port: int, authorization: _Secret | None) -> None:
+        self.host = host
+        self.port = port
+        self.authorization = authorization
+        netloc = f"[{host}]" if ":" in host else host
+        self.label = f"http://{netloc}:{port}"  # never the user name or password
+
+    def __repr__(self) -> str:
+        return f"_Proxy({self.label!r})"
+
+
+def _token_form(auth: EdrvAuth) -> _Secret:
+    """The client-credentials form, masked: the secret is unwrapped only in this expression."""
+    return _Secret(
+        urllib.parse.urlencode(
+            {
+                "grant_type": "client_credentials",
+                "client_id": auth._client_id or "",
+                "client_secret": auth._client_secret.value if auth._client_secret else "",
+                "audience": auth._audience,
+            }
+        )
+    )
+
+
+def _post(
+    url: str, form: _Secret, timeout: float, verify: bool | str | ssl.SSLContext
+) -> _Answer | _Failure:
+    """POST ``form`` to ``url``; return the answer (body capped), or why there is none.
+
+    Every step (name lookup, connect, proxy tunnel, TLS handshake, sending, the
+    status line, headers and body) ends by one deadline ``timeout`` seconds
+    away, however slowly the bytes come. Never raises for a network failure:
+    the exceptions of the standard library's frames (which hold the form) are
+    turned into a `_Failure` here, and not chained to the error raised later.
     """
     import http.client
-    import urllib.error
+    import ssl
+
+    deadline = time.monotonic() + timeout
+    scheme, host, port = _origin(url)
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = _proxy_for(scheme, host, port)
+    if isinstance(proxy, str):
+        return _Failure(TokenRequestError(proxy), reached=False, retry=False)
+    context: ssl.SSLContext | None = None
+    trusted = ""
+    if scheme == "https":
+        trust = _trust(verify)
+        if isinstance(trust, str):
+            return _Failure(TokenRequestError(trust), reached=False, retry=False)
+        context, trusted = trust
+    elif proxy is not None:
+        target = url  # plain http through a proxy: the request names the whole URL
+    if proxy is not None:
+        _log.debug("token request through the proxy %s", proxy.label)
+    where = f"the token endpoint {url}" if proxy is None else f"the proxy {proxy.label}"
+    stage = "connect"
+    sockets: list[socket.socket] = []
+    failure: _Failure | None = None
+    try:
+        sockets.append(_connect(proxy or (host, port), deadline))
+        if proxy is not None and context is not None:
+            stage = "tunnel"
+            failure = _tunnel(sockets[-1], proxy, host, port, deadline)
+        if failure is None and context is not None:
+            stage = "tls"
+            tls = context.wrap_socket(
+                sockets[-1], server_hostname=host, do_handshake_on_connect=False
+            )
+            sockets.append(tls)
+            tls.settimeout(_left(deadline))
+            tls.do_handshake()
+        if failure is None:
+            stage = "send"
+            connection = http.client.HTTPConnection(host, port)
+            connection.set_debuglevel(0)  # a global HTTPConnection.debuglevel would print the form
+            connection.sock = _DeadlineSocket(sockets[-1], deadline)
+            connection.request(
+                "POST",
+                target,
+                body=form.value.encode(),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                    "User-Agent": f"edrv-auth/{__version__}",
+                    "Connection": "close",
+                    **_proxy_header(proxy if context is None else None),
+                },
+            )
+            stage = "answer"
+            response = connection.getresponse()
+            return _Answer(response.status, response.headers, _read_body(response))
+    except ssl.SSLCertVerificationError as exc:
+        failure = _untrusted_certificate(url, host, exc, trusted)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        failure = _network_failure(url, where, stage, exc, timeout)
+    finally:
+        for opened in reversed(sockets):
+            opened.close()
+    if failure is None:  # pragma: no cover - every path above returns or sets it
+        raise AssertionError("no answer and no failure")
+    return failure
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline``; a `TimeoutError` once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class _DeadlineSocket:
+    """What http.client needs of a socket, each operation bounded by one deadline.
+
+    Before every send and every read, the socket's timeout is set to the time
+    left: a peer that drips one byte at a time cannot stretch the exchange.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_left(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self) -> None:
+        """The socket is closed by `_post`, which opened it."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under http.client's reader: every read ends by the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_left(self._deadline))
+        return self._sock.recv_into(buffer)
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """``getaddrinfo``, within the deadline: a stuck resolver must not hold the lock.
+
+    A name lookup cannot be interrupted, so it runs in a daemon thread that is
+    abandoned at the deadline. Addresses given as numbers need no lookup.
+    """
+    import ipaddress
+
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    found: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=lookup, name="edrv_auth-resolve", daemon=True)
+    thread.start()
+    thread.join(_left(deadline))
+    if not found:
+        raise TimeoutError("timed out")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return list(found[0])
+
+
+def _connect(address: _Proxy | tuple[str, int], deadline: float) -> socket.socket:
+    """A TCP connection to the first address of ``address`` that answers in time."""
+    host, port = (address.host, address.port) if isinstance(address, _Proxy) else address
+    last: OSError | None = None
+    for family, kind, protocol, _, where in _resolve(host, port, deadline):
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(where)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    raise last or OSError(0, f"no address for {host}")
+
+
+def _proxy_header(proxy: _Proxy | None) -> dict[str, str]:
+    if proxy is None or proxy.authorization is None:
+        return {}
+    return {"Proxy-Authorization": proxy.authorization.value}
+
+
+def _tunnel(
+    sock: socket.socket, proxy: _Proxy, host: str, port: int, deadline: float
+) -> _Failure | None:
+    """Ask the proxy for a tunnel (HTTP ``CONNECT``); ``None`` when it is open."""
+    import http
+    import http.client
+
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock.settimeout(_left(deadline))
+    sock.sendall(
+        (
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in _proxy_header(proxy).items())
+            + "\r\n"
+        ).encode()
+    )
+    answer = http.client.HTTPResponse(_DeadlineSocket(sock, deadline), method="CONNECT")  # type: ignore[arg-type]
+    try:
+        answer.begin()
+    finally:
+        answer.fp = None  # type: ignore[assignment] # the raw socket stays open for TLS; only the reader goes
+    if 200 <= answer.status < 300:
+        return None
+    try:
+        phrase = f" {http.HTTPStatus(answer.status).phrase}"
+    except ValueError:
+        phrase = ""
+    message = (
+        f"the proxy {proxy.label} refused the tunnel to {authority}: HTTP {answer.status}{phrase}"
+    )
+    if answer.status == 407:
+        message += " (check the user name and password in HTTPS_PROXY or ALL_PROXY)"
+    elif answer.status < 500:
+        message += f" (add {host} to NO_PROXY if it must be reached directly)"
+    # A 5xx is the proxy failing to reach the endpoint, which may pass.
+    return _Failure(TokenRequestError(message), reached=False, retry=answer.status >= 500)
+
+
+def _proxy_for(scheme: str, host: str, port: int) -> _Proxy | str | None:
+    """The proxy for the token request, as requests and httpx choose it; or why none works.
+
+    ``HTTPS_PROXY`` (or ``HTTP_PROXY`` for an http URL), else ``ALL_PROXY``,
+    upper or lower case (and the system's settings on macOS and Windows), unless
+    ``NO_PROXY`` names the host. Returns ``None`` for a direct connection. The
+    proxy's user name and password are kept masked, and never shown.
+    """
+    import base64
     import urllib.request
 
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    request = urllib.request.Request(
-        url,
-        data=form,
-        method="POST",
-        headers={
-            "Content-Type": "application/x-www-form-urlencoded",
-            "Accept": "application/json",
-            "User-Agent": f"edrv-auth/{__version__}",
-        },
-    )
-    deadline = time.monotonic() + timeout
+    proxies = urllib.request.getproxies()
+    value = proxies.get(scheme) or proxies.get("all")
+    if not value or _no_proxy(host, port, proxies.get("no", "")):
+        return None
+    if "://" not in value:
+        value = f"http://{value}"  # "proxy:3128", as requests and httpx read it
     try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
-            return response.status, response.headers, _read_body(response, deadline)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers, _read_body(exc, deadline)
-    except http.client.HTTPException as exc:
-        raise ConnectionError(0, f"malformed HTTP answer ({type(exc).__name__})") from exc
+        parts = urllib.parse.urlsplit(value)
+        proxy_port = parts.port or 80
+    except ValueError:
+        return "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY is not a valid URL"
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        return (
+            f"the token request supports http:// proxies only, not "
+            f"{_clean(parts.scheme, limit=16)}:// (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY)"
+        )
+    authorization = None
+    if parts.username is not None or parts.password is not None:
+        authorization = _Secret(
+            "Basic "
+            + base64.b64encode(
+                (
+                    urllib.parse.unquote(parts.username or "")
+                    + ":"
+                    + urllib.parse.unquote(parts.password or "")
+                ).encode()
+            ).decode()
+        )
+    return _Proxy(parts.hostname, proxy_port, authorization)
 
 
-def _read_body(response: Any, deadline: float) -> bytes:
-    """Read at most `_MAX_BODY` bytes, giving up at ``deadline``.
+def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` excludes ``host``, as requests (and curl) read it.
 
-    The socket timeout bounds each read, not the whole answer: a server that
-    drips one byte at a time would otherwise hold the lock indefinitely.
+    ``*`` excludes every host; ``example.com``, ``.example.com`` and
+    ``*.example.com`` the domain and its subdomains (a leading dot is ignored,
+    as urllib does for requests; httpx alone would read it as subdomains only);
+    an IP address or network (``10.0.0.0/8``) the addresses in it; each
+    optionally with ``:port``. Names compare without regard to case.
     """
+    import ipaddress
+
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry.startswith("[") and "]:" in entry:
+            name, entry_port = entry[1:].split("]:", 1)
+        name = name.strip("[]")
+        if not name or (entry_port and entry_port != str(port)):
+            continue
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
+                return True
+            continue
+        except ValueError:
+            pass
+        name = name.removeprefix("*").removeprefix(".")
+        if host == name or host.endswith(f".{name}"):
+            return True
+    return False
+
+
+def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | str:
+    """The SSL context for the token request and what it trusts; or why there is none.
+
+    ``verify=True`` trusts what requests and httpx trust in this environment:
+    ``REQUESTS_CA_BUNDLE`` (else ``CURL_CA_BUNDLE``) as requests reads it, and
+    ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) as httpx reads it, together when
+    both are set; else certifi's bundle, which both use by default; else the
+    system's store. A path (file or folder) or a context given as ``verify``
+    is used as given. A context is built once per process and configuration.
+    """
+    import ssl
+
+    if isinstance(verify, ssl.SSLContext):
+        return verify, "the ssl.SSLContext given as verify="
+    sources: list[tuple[str, str]] = []
+    if isinstance(verify, str):
+        sources.append(("verify=", verify))
+    else:
+        for group in _CA_VARIABLES:
+            named = next(((name, os.environ[name]) for name in group if _env(name)), None)
+            if named is not None:
+                sources.append(named)
+    if not sources:
+        try:
+            import certifi
+        except ImportError:
+            sources = []
+        else:
+            sources.append(("certifi", certifi.where()))
+    label = (
+        ", ".join(
+            f"{name} {path}" if name in ("verify=", "certifi") else f"{name}={path}"
+            for name, path in sources
+        )
+        or "the system's CA store"
+    )
+    key = (os.getpid(), tuple(sources))
+    context = _contexts.get(key)
+    if context is None:
+        try:
+            # Only the named sources when there are any (the system store is not
+            # added), as requests and httpx do.
+            context = ssl.create_default_context() if not sources else None
+            for name, path in sources:
+                folder = name == "SSL_CERT_DIR" or os.path.isdir(path)
+                cafile, capath = (None, path) if folder else (path, None)
+                if context is None:
+                    context = ssl.create_default_context(cafile=cafile, capath=capath)
+                else:
+                    context.load_verify_locations(cafile=cafile, capath=capath)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            return f"cannot load the CA certificates of {label}: {_clean(str(reason))}"
+        if context is None:  # pragma: no cover - `sources` is never empty here
+            raise AssertionError("no trust source")
+        _log.debug("the token request trusts %s", label)
+        _contexts[key] = context
+    return context, label
+
+
+def _untrusted_certificate(
+    url: str, host: str, exc: ssl.SSLCertVerificationError, trusted: str
+) -> _Failure:
+    """The endpoint's certificate failed verification: say why, and how to fix it."""
+    reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
+    if exc.verify_code in _NAME_MISMATCH:
+        message = (
+            f"the certificate of the token endpoint {url} is not valid for {host} "
+            f"(hostname mismatch: {reason}); check {_ENV_TOKEN_URL}"
+        )
+    else:
+        message = (
+            f"the certificate of the token endpoint {url} is not trusted ({reason}; "
+            f"trusted here: {trusted}): {_TRUST_HINT}"
+        )
+    # A retry cannot fix trust, and nothing reached the endpoint.
+    return _Failure(TokenRequestError(message), reached=False, retry=False)
+
+
+def _network_failure(
+    url: str, where: str, stage: str, exc: BaseException, timeout: float
+) -> _Failure:
+    """A connection, TLS or HTTP failure at ``stage`` of an attempt."""
+    import http.client
+
+    reached = stage in ("send", "answer")  # the form may have been sent
+    if isinstance(exc, http.client.RemoteDisconnected):
+        message = f"the token endpoint {url} closed the connection without answering"
+    elif isinstance(exc, http.client.HTTPException):
+        message = (
+            f"the token endpoint {url} sent a malformed or incomplete answer ({type(exc).__name__})"
+        )
+    elif stage == "answer" and isinstance(exc, TimeoutError):
+        message = f"the token endpoint {url} did not answer in time (timed out after {timeout:g} s)"
+    elif stage == "tls":
+        message = f"the TLS handshake with the token endpoint {url} failed: {_describe(exc)}"
+    elif stage == "tunnel":
+        message = f"the proxy for {url} failed to open a tunnel: {_describe(exc)}"
+    elif reached:
+        message = f"the token request to {url} failed: {_describe(exc)}"
+    else:
+        message = (
+            f"could not reach {where}: {_describe(exc)} "
+            f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})"
+        )
+    return _Failure(TokenRequestError(message), reached=reached, retry=True)
+
+
+def _read_body(response: Any) -> bytes:
+    """Read at most `_MAX_BODY` bytes (the socket's deadline bounds the whole read)."""
     chunks: list[bytes] = []
     size = 0
     while size < _MAX_BODY:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the token answer was too slow to arrive")
         chunk = response.read1(_MAX_BODY - size)
         if not chunk:
             break
@@ -1607,81 +2103,111 @@ def _read_body(response: Any, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_token(
-    status: int,
-    headers: email.message.Message,
-    body: bytes,
-    obtained_at: float,
-    secrets: tuple[str, ...],
-) -> _Token:
-    """Turn a 2xx token response into a `_Token`, or raise `TokenRequestError`."""
-    data = _json_object(body)
+def _judge(url: str, answer: _Answer, redactor: _Redactor, obtained_at: float) -> _Token | _Failure:
+    """The token in a 2xx answer, or the failure any other answer means."""
+    status = answer.status
+    if 200 <= status < 300:
+        parsed = _parse_token(answer, obtained_at, redactor)
+        if isinstance(parsed, str):
+            return _Failure(TokenRequestError(parsed, status), reached=True, retry=False)
+        return parsed
+    error = _token_error(url, answer, redactor)
+    if status != 429 and status < 500:
+        return _Failure(error, reached=True, retry=False)
+    retry_after = _retry_after(answer.headers.get("Retry-After"))
+    if retry_after is not None and retry_after > _RETRY_AFTER_CAP:
+        return _Failure(error, reached=True, retry=False)
+    return _Failure(error, reached=True, retry=True, retry_after=retry_after)
+
+
+def _parse_token(answer: _Answer, obtained_at: float, redactor: _Redactor) -> _Token | str:
+    """Turn a 2xx token answer into a `_Token`, or say what is wrong with it.
+
+    Returns rather than raises: the parsed document may hold the token or an
+    echoed secret, and must not sit in a frame of a raised error.
+    """
+    data = _json_object(answer.body)
     if data is None:
-        raise TokenRequestError(
-            f"the token endpoint answered {_content_type(headers)}, not a JSON token "
-            "(a proxy or gateway may have answered instead of eDRV)",
-            status,
+        return (
+            f"the token endpoint answered {_content_type(answer.headers)}, not a JSON token "
+            "(a proxy or gateway may have answered instead of eDRV)"
         )
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not _TOKEN_CHARS.fullmatch(access_token):
-        raise TokenRequestError("the token endpoint's answer has no usable access_token", status)
+        return "the token endpoint's answer has no usable access_token"
     token_type = data.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise TokenRequestError(
-            f"the token endpoint issued a {_clean(str(token_type), secrets)!r} token, not Bearer",
-            status,
-        )
+        shown = _clean(token_type, redactor, limit=32) if isinstance(token_type, str) else "?"
+        return f"the token endpoint issued a {shown!r} token, not Bearer"
     expires_in = data.get("expires_in", _DEFAULT_EXPIRES_IN)
     if not _is_number(expires_in) or expires_in <= 0:
-        raise TokenRequestError(
-            "the token endpoint's answer has an invalid expires_in (not a positive number)",
-            status,
-        )
+        return "the token endpoint's answer has an invalid expires_in (not a positive number)"
     scope = data.get("scope")
-    scope = _clean(scope, secrets, limit=1000) if isinstance(scope, str) else ""
+    scope = _clean(scope, redactor, limit=1000) if isinstance(scope, str) else ""
     lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
     token = _Token(_Secret(access_token), obtained_at, obtained_at + lifetime, scope)
     _log.debug("obtained a token valid for %.0f s (scope %r)", lifetime, token.scope)
     return token
 
 
-def _token_error(
-    url: str, status: int, headers: email.message.Message, body: bytes, secrets: tuple[str, ...]
-) -> TokenRequestError:
+def _token_error(url: str, answer: _Answer, redactor: _Redactor) -> TokenRequestError:
     """Describe a failed token response from its status and OAuth fields only.
 
-    Never the raw body: a proxy may echo the form, client secret included.
+    Never the raw body: a proxy may echo the form, client secret included. The
+    OAuth ``error`` is shown only when it is a plain error code, and
+    ``error_description`` only when no part of it echoes the secret.
     """
+    status = answer.status
     error = description = None
-    data = _json_object(body)
+    withheld = False
+    data = _json_object(answer.body)
     if data is not None:
-        if isinstance(data.get("error"), str):
-            error = _clean(data["error"], secrets, limit=64)
-        if isinstance(data.get("error_description"), str):
-            description = _clean(data["error_description"], secrets)
+        raw_error, raw_description = data.get("error"), data.get("error_description")
+        if isinstance(raw_error, str) and (
+            raw_error in _OAUTH_ERRORS
+            or (_ERROR_CODE.fullmatch(raw_error) and not redactor.echoes(raw_error))
+        ):
+            error = raw_error
+        if isinstance(raw_description, str):
+            description = redactor.clean(raw_description)
+            withheld = description is None
+            if description is not None and redactor.echoes(
+                (error or "") + redactor.mask(raw_description)
+            ):
+                description, withheld = None, True  # the secret split between the two
+                if error not in _OAUTH_ERRORS:
+                    error = None
     message = f"token request to {url} failed: HTTP {status}"
     if error:
         message += f" {error}"
     if description:
         message += f": {description}"
-    if data is None and body:
-        message += f" (answered {_content_type(headers)}, not JSON: a proxy or gateway, not eDRV?)"
+    if withheld:
+        message += " (error_description withheld: it echoed the client secret)"
+    if data is None and answer.body:
+        message += (
+            f" (answered {_content_type(answer.headers)}, not JSON: a proxy or gateway, not eDRV?)"
+        )
     if status in (400, 401, 403) and error in _CREDENTIAL_ERRORS:
         message += f" (check {_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET} and the audience)"
     return TokenRequestError(message, status, error)
 
 
 def _content_type(headers: email.message.Message) -> str:
-    return _clean(headers.get_content_type(), (), limit=64)
+    return _clean(headers.get_content_type(), limit=64)
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (seconds or HTTP date)."""
+    """Seconds to wait from a `Retry-After` header (seconds or HTTP date).
+
+    Any all-digit value is seconds, however long (a long one is then not waited
+    for at all); the result is capped to stay a finite float.
+    """
     if not value:
         return None
     value = value.strip()
-    if re.fullmatch(r"[0-9]{1,9}", value):  # str.isdigit() also accepts "²"
-        return float(value)
+    if re.fullmatch(r"[0-9]+", value):  # str.isdigit() also accepts "²"
+        return min(float(value), 1e9)
     import email.utils
 
     with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
@@ -1696,6 +2222,87 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
         return min(retry_after, _RETRY_AFTER_CAP)
     exponential = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0 ** min(attempt - 1, 16))
     return exponential * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+
+
+class _Redactor:
+    """Recognises the client secret in server-provided text, however it was encoded.
+
+    A proxy or endpoint may echo the form (the secret URL-encoded, with ``/``
+    kept or not, upper- or lower-case escapes), the Basic header (base64 of the
+    secret or of ``client_id:secret``), or an HTML page (entities), with
+    invisible characters slipped in. Text that shares any run of 8 characters
+    (the whole secret, if shorter) with any of these is not shown; exact copies
+    are masked first, so that a description naming the secret in passing still
+    reads well. The encodings are built inside the methods, never kept.
+    """
+
+    __slots__ = ("_client_id", "_secret")
+
+    def __init__(self, client_id: str | None, secret: _Secret | None) -> None:
+        self._client_id = client_id or ""
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "_Redactor('***')"
+
+    def _encodings(self) -> list[str]:
+        import base64
+
+        if not self._secret:
+            return []
+        quote = urllib.parse.quote
+        variants = [
+            self._secret.value,
+            quote(self._secret.value, safe=""),
+            quote(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value, safe="/"),
+        ]
+        for plain in (self._secret.value, f"{self._client_id}:{self._secret.value}"):
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                variants.append(encode(plain.encode()).decode())
+                variants.append(variants[-1].rstrip("="))
+        variants += [v.lower() for v in variants[1:5]]  # lower-case percent escapes
+        return sorted({v for v in variants if v}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        """``text`` with exact copies of any encoding of the secret replaced by ``***``."""
+        for encoding in self._encodings():
+            text = text.replace(encoding, "***")
+        return text
+
+    def echoes(self, text: str) -> bool:
+        """Whether ``text``, decoded every way a server might have encoded it, shares a
+        run of 8 characters with any encoding of the secret."""
+        import html
+
+        views = {_fold(text)}
+        for decode in (urllib.parse.unquote, urllib.parse.unquote_plus, html.unescape):
+            decoded = text
+            for _ in range(3):  # double encodings too
+                decoded = decode(decoded)
+                views.add(_fold(decoded))
+        for encoding in self._encodings():
+            folded = _fold(encoding)
+            width = min(8, len(folded))
+            runs = {folded[i : i + width] for i in range(len(folded) - width + 1)}
+            if any(run and run in view for run in runs for view in views):
+                return True
+        return False
+
+    def clean(self, text: str, limit: int = 200) -> str | None:
+        """``text`` made safe for a message, or ``None`` if it echoes the secret."""
+        shown = _clean(text, self, limit)
+        return None if shown == "***" and text.strip() != "***" else shown
+
+
+def _fold(text: str) -> str:
+    """``text`` for comparison: compatibility forms unified, case folded, and every
+    invisible, combining, control or space character removed."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
 
 
 # ---- Helpers --------------------------------------------------------------
@@ -1791,7 +2398,13 @@ def _masked(value: str | None) -> _Secret | None:
 
 
 def _checked_url(name: str, url: str) -> str:
-    """Validate a configured URL: https, or http only on a loopback host."""
+    """Validate a configured URL: https, or http only on a loopback host.
+
+    A URL with a user name or password is refused without being shown: it would
+    otherwise reach reprs, messages and ``status``.
+    """
+    if _has_userinfo(url):
+        raise EdrvAuthError(f"{name} must not contain a user name or password")
     try:
         scheme, host, _ = _origin(url)
     except ValueError:
@@ -1801,6 +2414,46 @@ def _checked_url(name: str, url: str) -> str:
             f"{name} must use https (http is allowed only on a loopback host): {url!r}"
         )
     return url
+
+
+def _has_userinfo(url: str) -> bool:
+    """Whether a URL names a user or password (``https://user:pw@host``)."""
+    try:
+        return "@" in urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return "@" in url
+
+
+def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
+    """Validate ``verify``: ``True``, a CA bundle file or folder, or a verifying SSLContext.
+
+    ``False`` is refused: the token request carries the client secret, and
+    without verification anyone on the path could read it.
+    """
+    if verify is True:
+        return True
+    if verify is False:
+        raise EdrvAuthError(
+            "verify=False is refused: the token request carries the client secret; pass "
+            "verify= the path of a CA bundle (file or folder) or an ssl.SSLContext instead"
+        )
+    ssl = sys.modules.get("ssl")  # no import: without ssl loaded, it cannot be a context
+    if ssl is not None and isinstance(verify, ssl.SSLContext):
+        if verify.verify_mode != ssl.CERT_REQUIRED or not verify.check_hostname:
+            raise EdrvAuthError(
+                "verify= is an ssl.SSLContext that does not check certificates and host names "
+                "(verify_mode CERT_REQUIRED, check_hostname True): refused, the token request "
+                "carries the client secret"
+            )
+        return verify  # type: ignore[no-any-return]
+    if isinstance(verify, (str, os.PathLike)):
+        path = os.fspath(verify)
+        if not isinstance(path, str) or not path or not os.path.exists(path):
+            raise EdrvAuthError(f"verify= names no CA bundle file or folder: {path!r}")
+        return path
+    raise EdrvAuthError(
+        "verify must be True, the path of a CA bundle file or folder, or an ssl.SSLContext"
+    )
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -1906,39 +2559,31 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _clean(text: str, secrets: tuple[str, ...], limit: int = 200) -> str:
+def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
     """Make server-provided text safe for a message: no secrets, no control chars.
 
     Control characters go first, so that replacing them cannot rebuild a
-    secret; if masking still leaves one (overlapping copies), nothing is shown.
+    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
+    is shown as ``***`` only.
     """
     text = "".join(ch if ch.isprintable() else " " for ch in text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    if any(secret and secret in text for secret in secrets):
-        return "(withheld: it contained a secret)"
+    if secrets is not None:
+        text = secrets.mask(text)
+        if secrets.echoes(text):
+            return "***"
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def _never_connected(exc: BaseException) -> bool:
-    """Whether a token request failed before eDRV could have received it.
-
-    Such attempts do not count towards the rate cap: a refused connection or an
-    unknown host is not a token request, and counting them would lock callers out
-    for a minute after the briefest outage.
-    """
-    reason = getattr(exc, "reason", exc)
-    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
-
-
 def _describe(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    if isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError):
+    """A short, safe description of a network error (never its arguments)."""
+    if isinstance(exc, TimeoutError):
         return "timed out"
-    detail = reason if isinstance(reason, BaseException) else exc
-    text = getattr(detail, "strerror", None) or type(detail).__name__
-    return _clean(str(text), ())
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({_clean(str(exc.strerror or 'name lookup failed'))})"
+    reason = getattr(exc, "reason", None)  # ssl.SSLError: OpenSSL's reason code
+    text = getattr(exc, "strerror", None) or (reason if isinstance(reason, str) else None)
+    name = type(exc).__name__
+    return _clean(f"{name}: {text}" if text else name, limit=120)
 
 
 def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:

@@ -47,6 +47,11 @@ _CLEARED_NAMES = (
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "requests_ca_bundle",
+    "curl_ca_bundle",
+    "ssl_cert_file",
+    "ssl_cert_dir",
 )
 
 

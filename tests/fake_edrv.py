@@ -19,6 +19,7 @@ import json
 import secrets
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -125,6 +126,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], fake: FakeEdrv) -> None:
         self.fake = fake
+        self.tls = fake.tls
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -134,6 +136,16 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, address = self.socket.accept()
+        if self.tls is not None:
+            # The handshake happens on the handler thread's first read, so that a slow or
+            # failing client never holds up the accept loop.
+            connection = self.tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
@@ -154,7 +166,8 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout tests) makes our late write fail: not worth a traceback.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+        # With TLS, a client that distrusts our certificate aborts the handshake: expected too.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
             return
         super().handle_error(request, client_address)
 
@@ -369,7 +382,9 @@ class FakeEdrv:
         scope: str = "read:chargestations write:sessions",
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: serve HTTPS with this server context, reached as ``https://localhost:PORT``."""
         self.client_id = client_id
         self.client_secret = client_secret
         self.audience = audience
@@ -377,6 +392,7 @@ class FakeEdrv:
         self.scope = scope
         self.host = host
         self.port = port
+        self.tls = tls
         self.token_delay = 0.0
         self.api_delay = 0.0
         self.reject_all = False
@@ -394,7 +410,10 @@ class FakeEdrv:
         """Bind and serve in a daemon thread; calling it again while running is a no-op."""
         if self._server is None:
             self._server = _Server((self.host, self.port), self)
-            self._url = f"http://{self._server.server_name}:{self._server.server_port}"
+            if self.tls is None:
+                self._url = f"http://{self._server.server_name}:{self._server.server_port}"
+            else:  # the certificate names localhost, as a real one names its host
+                self._url = f"https://localhost:{self._server.server_port}"
             # A short poll interval keeps stop() fast (serve_forever polls for shutdown()).
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
