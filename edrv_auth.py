@@ -19,10 +19,11 @@ tokens as possible::
 The file is self-contained: copy it next to a script and it works with whichever
 of requests and httpx is installed (it needs ``filelock``).
 
-Sections, in the order a request travels through them:
-    Errors · EdrvAuth (configuration, adapters, token core, token request) ·
-    Token values · Shared caches (file, Redis) · Token endpoint transport ·
-    Helpers · Command line
+Sections, each built only from the ones above it:
+    Errors · Token values (pure) · Token endpoint (the one token request) ·
+    Shared caches (file, Redis) · Token source (every token decision) ·
+    Configuration · Adapters' helpers (origin guard, the 401 policy) ·
+    EdrvAuth (configuration and the three adapters) · Command line
 """
 
 from __future__ import annotations
@@ -45,17 +46,19 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 # Only what a warm process needs is imported up front: filelock, urllib.request,
 # argparse and email load on the slow paths that use them (a token request, a
 # lock, the command line), which keeps `import edrv_auth` cheap.
 if TYPE_CHECKING:
+    import asyncio
     import email.message
     import ssl
     import urllib.request
     from typing import Protocol
 
+    import anyio
     import filelock
     import httpx
     import requests
@@ -153,7 +156,7 @@ _sleep: Callable[[float], None] = time.sleep
 _redis_clock: Callable[[], float] = time.monotonic
 
 
-# ---- Errors ---------------------------------------------------------------
+# ---- Errors -----------------------------------------------------------------
 
 
 class EdrvAuthError(Exception):
@@ -181,730 +184,7 @@ class TokenRequestError(EdrvAuthError):
         self.error = error
 
 
-# ---- EdrvAuth: configuration, adapters ------------------------------------
-
-
-class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
-    """Bearer authentication for the eDRV API, for requests and httpx.
-
-    Pass one instance as ``auth=`` to ``requests``, ``httpx.Client`` or
-    ``httpx.AsyncClient``; it adds ``Authorization: Bearer ...`` to every
-    request for the eDRV API and refuses to send it anywhere else::
-
-        auth = EdrvAuth(api_key="...")          # or $EDRV_API_KEY
-        auth = EdrvAuth()                       # or $EDRV_CLIENT_ID / $EDRV_CLIENT_SECRET
-        requests.get("https://api.edrv.io/v1.1/chargestations", auth=auth)
-
-    With an API key, the key is the bearer token: nothing else happens. With
-    client credentials, the access token is requested when first needed,
-    saved in a private per-user cache file that every process on the machine
-    shares (or in Redis, for many machines), replaced shortly before it
-    expires, and renewed once, transparently, when the API answers ``401``.
-    Any number of threads and processes starting together make one token
-    request, and never more than 5 a minute per client id.
-
-    One instance may serve any number of threads, event loops (asyncio or
-    trio) and processes: it pickles, and keeps working in a forked child.
-
-    Args:
-        client_id: The eDRV client id. Default: ``$EDRV_CLIENT_ID``.
-        client_secret: The eDRV client secret. Default: ``$EDRV_CLIENT_SECRET``.
-        api_key: An eDRV API key, instead of client credentials.
-            Default: ``$EDRV_API_KEY``.
-        token_url: The token endpoint. Default: ``$EDRV_TOKEN_URL``, else
-            ``https://auth.edrv.io/oauth/token``.
-        audience: The ``audience`` of the token request. Default:
-            ``$EDRV_AUDIENCE``, else ``https://api.edrv.io``.
-        api_url: The only origin (scheme, host, port) that ever receives the
-            token. Default: ``$EDRV_API_URL``, else ``https://api.edrv.io``.
-        cache_dir: The folder of the shared token file. Default:
-            ``$EDRV_AUTH_CACHE_DIR``, else the user's cache folder
-            (``~/.cache/edrv_auth`` on Linux).
-        refresh_margin: Seconds before expiry at which a token is replaced.
-        timeout: Seconds for one token request attempt, its whole answer
-            included (at most 25).
-        redis_url: Share the token across machines through Redis
-            (``pip install 'edrv-auth[redis]'``). Default:
-            ``$EDRV_AUTH_REDIS_URL``.
-        verify: What the token request trusts. ``True`` (the default) trusts
-            what requests and httpx trust in the same environment: the CA
-            bundles named by ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
-            ``SSL_CERT_FILE`` or ``SSL_CERT_DIR``, else certifi's bundle, else
-            the system's store. A CA bundle file or folder, or an
-            ``ssl.SSLContext``, is used as given. ``False`` is refused: the
-            request carries the client secret.
-
-    The token request goes through the proxy that ``HTTPS_PROXY`` or
-    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as requests and
-    httpx do, and each attempt ends by ``timeout``.
-
-    An argument you pass wins over its environment variable; an empty
-    variable counts as unset. Creating the object sends nothing and writes
-    nothing.
-
-    Raises:
-        EdrvAuthError: At construction, for missing or conflicting credentials
-            (give either an API key or a client id and secret), or a URL that
-            is not ``https://`` (``http://`` only on a loopback host) or holds
-            a user name or password. At request time, for a request to another
-            origin than ``api_url``. ``get_token`` raises the subclass
-            ``TokenRequestError`` when eDRV gives no token.
-
-    Note:
-        An instance given ``verify=`` an ``ssl.SSLContext`` does not pickle
-        (pickling raises ``EdrvAuthError``): a context cannot cross processes.
-        Pass the path of a CA bundle instead where instances are sent to other
-        processes.
-    """
-
-    # Maintainers: get_token(), aget_token() and the three adapters (__call__
-    # for requests, sync_auth_flow and async_auth_flow for httpx) all go through
-    # one blocking core, _token(): memory, then the shared cache read without a
-    # lock (writes replace it whole), then, under the cache's cross-process
-    # lock, at most one token request. The async side runs that same core in a
-    # worker thread, one job per event loop, so the loop never waits on a lock,
-    # a file or the network. On a 401 the rejected token goes back to the core,
-    # which replaces it only if the cache still holds it, within the storm cap.
-
-    def __init__(
-        self,
-        client_id: str | None = None,
-        client_secret: str | None = None,
-        *,
-        api_key: str | None = None,
-        token_url: str = _DEFAULT_TOKEN_URL,
-        audience: str = _DEFAULT_AUDIENCE,
-        api_url: str = _DEFAULT_API_URL,
-        cache_dir: str | os.PathLike[str] | None = None,
-        refresh_margin: float = 300.0,
-        timeout: float = 10.0,
-        redis_url: str | None = None,
-        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
-    ) -> None:
-        # Only masked secrets from here on: this frame may raise.
-        secret, key = _masked(client_secret), _masked(api_key)
-        redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
-        del client_secret, api_key, redis_url
-        self._client_id, self._client_secret, self._api_key = _credentials(client_id, secret, key)
-        if self._api_key is None:
-            _require_filelock()  # now, not deep inside the first token request
-        # The signature's defaults are the real URLs, so an argument left at its
-        # default is "not given" and its environment variable applies.
-        token_url = _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
-        audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
-        api_url = _setting(api_url, _DEFAULT_API_URL, _ENV_API_URL)
-        self._token_url = _checked_url("token_url", token_url)
-        if _has_userinfo(audience):
-            raise EdrvAuthError("audience must not contain a user name or password")
-        self._audience = audience
-        self._api_url = _checked_url("api_url", api_url)
-        self._api_origin = _origin(self._api_url)
-        if self._api_origin[0] == "http" and self._api_origin[2] == 80:
-            # requests and httpx both keep Authorization on a redirect from
-            # http://host to https://host (an "upgrade"): another origin here.
-            raise EdrvAuthError("an http:// api_url needs a port other than 80")
-        scheme, host, port = self._api_origin
-        netloc = f"[{host}]" if ":" in host else host
-        if port != _DEFAULT_PORTS[scheme]:
-            netloc += f":{port}"
-        # The hot-path origin check is a prefix test; other spellings of the same
-        # origin (an explicit default port, say) take the parsing path.
-        self._api_prefix = f"{scheme}://{netloc}/"
-        if not _is_number(refresh_margin) or refresh_margin < 0:
-            raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
-        if not _is_number(timeout) or not 0 < timeout <= _FETCH_DEADLINE:
-            # Longer, and other processes would give up waiting for the lock first.
-            raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
-        self._refresh_margin = float(refresh_margin)
-        self._timeout = float(timeout)
-        # Trust for the token request, as requests and httpx trust; the SSL context
-        # itself is built at the first token request, once per process.
-        self._verify = _checked_verify(verify)
-        directory = cache_dir or _env(_ENV_CACHE_DIR)
-        cache_key = f"{self._token_url}\n{self._audience}\n{self._client_id}"
-        self._cache = _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key)
-        self._stores: tuple[_Store, ...] = (self._cache,)
-        if redis and self._api_key is None:
-            # Redis is shared by every machine; the file still serves when it is down.
-            self._stores = (_RedisCache(redis, cache_key), self._cache)
-        # In API-key mode the key is published once and never reaches a refresh time.
-        self._current: _Fresh | None = self._key_fresh()
-        self._runtime = _Runtime()
-
-    def __repr__(self) -> str:
-        if self._api_key is not None:
-            return f"EdrvAuth(api_key='***', api_url={self._api_url!r})"
-        shared = ", ".join(repr(store.label) for store in self._stores)
-        return (
-            f"EdrvAuth(client_id={self._client_id!r}, api_url={self._api_url!r}, cache=[{shared}])"
-        )
-
-    # Pickling (multiprocessing spawn) and fork: the thread lock and in-flight
-    # jobs belong to one process. They live in `_Runtime`, which pickling drops
-    # and which `_rt()` replaces when it finds itself in a new process; the
-    # caches do the same for their FileLock and Redis client.
-
-    def __getstate__(self) -> dict[str, object]:
-        if not isinstance(self._verify, (bool, str)):
-            # An SSLContext does not pickle; say so here rather than with a
-            # TypeError from deep inside multiprocessing.
-            raise EdrvAuthError(
-                "this EdrvAuth cannot be pickled: verify= is an ssl.SSLContext, which cannot "
-                "cross processes; pass verify= the path of a CA bundle instead, or create "
-                "the EdrvAuth in each process"
-            )
-        state = self.__dict__.copy()
-        state["_runtime"] = None
-        state["_current"] = self._key_fresh()  # the child reads the shared cache instead
-        return state
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._runtime = _Runtime()
-
-    def _key_fresh(self) -> _Fresh | None:
-        if self._api_key is None:
-            return None
-        return _Fresh(_Token(self._api_key, 0.0, math.inf), math.inf)
-
-    def _rt(self) -> _Runtime:
-        runtime = self._runtime
-        if runtime.pid != os.getpid():
-            # A forked child: a lock that another thread held at fork time would
-            # never be released here, so start from fresh state.
-            runtime = self._runtime = _Runtime()
-        return runtime
-
-    # -- Public API ----------------------------------------------------------
-
-    def get_token(self) -> str:
-        """Return a valid access token (or the API key in API-key mode).
-
-        The token comes from memory when fresh, else from the shared cache,
-        else from one token request made on behalf of every process sharing
-        the cache. Use it for clients other than requests and httpx.
-
-        Raises:
-            TokenRequestError: No token could be obtained.
-            EdrvAuthError: The cache lock could not be taken in time.
-        """
-        return (self._fresh() or self._token(None)).access_token.value
-
-    async def aget_token(self) -> str:
-        """Like :meth:`get_token`, without blocking the event loop.
-
-        Works under asyncio and trio. Concurrent tasks of one event loop share one
-        worker-thread job, hence one token request.
-        """
-        return (self._fresh() or await self._atoken(None)).access_token.value
-
-    def clear(self) -> None:
-        """Forget the cached token, in memory and in the shared cache.
-
-        The record of recent token requests stays, so clearing in a loop cannot
-        be used to bypass the token-request rate cap. A cache that cannot be
-        changed (Redis down, a folder that is not ours) is logged as a warning.
-        """
-        self._clear()
-
-    def _clear(self) -> list[str]:
-        """`clear`, returning the caches it could not clear, each with the reason."""
-        if self._api_key is not None:
-            return []
-        runtime = self._rt()
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        failed: list[str] = []
-        with self._thread_lock(runtime, deadline):  # after any token request in flight
-            self._current = None
-            runtime.state = runtime.state.without_token()
-            for store in self._stores:
-                try:
-                    _forget_token(store, deadline)
-                except OSError as exc:
-                    self._warn_unusable(runtime, store, exc)
-                    failed.append(f"{store.label} ({exc.strerror or type(exc).__name__})")
-        return failed
-
-    # -- requests adapter ----------------------------------------------------
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        """Authenticate a requests ``PreparedRequest`` (the requests path).
-
-        Note:
-            A body that cannot be replayed (a generator, a non-seekable stream)
-            gets no retry hook: on a 401 the caller receives the 401.
-        """
-        self._check_origin(r.url or "")
-        r.headers["Authorization"] = (self._fresh() or self._token(None)).header
-        if self._api_key is None:
-            body: object = r.body  # typed bytes | str | None, but files and generators occur
-            if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
-                r.hooks["response"].append(self._retry_on_401)
-            else:
-                position = _tell(body)
-                if position is not None:
-                    hook = functools.partial(self._retry_on_401, rewind_to=position)
-                    r.hooks["response"].append(hook)
-        return r
-
-    def _retry_on_401(
-        self, r: requests.Response, rewind_to: int | None = None, **kwargs: Any
-    ) -> requests.Response:
-        """The requests response hook: re-send a request once on a 401.
-
-        It follows HTTPDigestAuth: rewind the body, drain and release the
-        connection, re-send a copy over the same adapter, and keep the 401 in
-        the new response's history. requests also runs this hook for responses
-        to redirected copies of the request, so the decision is made on the
-        request that the response answers, and the token to replace is the one
-        that request carried. All copies share one hook list: the hook disarms
-        itself there on its first retry, so there is never a second one.
-        """
-        if r.status_code != 401:
-            return r
-        request = r.request
-        rejected = _bearer_token(request.headers.get("Authorization"))
-        if rejected is None or not self._should_retry(401, request.url or ""):
-            return r
-        try:
-            fresh = self._token(rejected)
-        except BaseException:
-            r.close()
-            raise
-        if fresh.access_token == rejected:
-            return r  # the rate cap kept this token: a resend would fail alike
-        self._disarm(request.hooks["response"])
-        body: object = request.body
-        if rewind_to is not None and hasattr(body, "seek"):  # a 302/303 drops the body
-            body.seek(rewind_to)
-        r.content  # noqa: B018 - reading the body frees the connection
-        r.close()
-        # The fresh token also goes on `request` itself: requests builds any
-        # redirect that follows from it.
-        request.headers["Authorization"] = fresh.header
-        prepared = request.copy()
-        _copy_cookies(prepared, r)
-        second: requests.Response = r.connection.send(prepared, **kwargs)
-        second.history.append(r)
-        second.request = prepared
-        return second
-
-    def _disarm(self, hooks: list[Callable[..., Any]]) -> None:
-        """Replace this object's retry hook in a request's (shared) hook list.
-
-        Replaced in place rather than removed, since requests may be iterating
-        over the list right now.
-        """
-        for index, hook in enumerate(hooks):
-            if getattr(hook, "func", hook) == self._retry_on_401:
-                hooks[index] = _pass_response
-
-    # -- httpx adapters ------------------------------------------------------
-
-    def sync_auth_flow(
-        self, request: httpx.Request
-    ) -> Generator[httpx.Request, httpx.Response, None]:
-        """Authenticate an ``httpx.Client`` request, re-sending it once on a 401."""
-        self._check_httpx_origin(request)
-        sent = self._fresh() or self._token(None)
-        request.headers["Authorization"] = sent.header
-        response = yield request
-        if self._should_retry_httpx(request, response):
-            fresh = self._token(sent.access_token)
-            if fresh.access_token != sent.access_token:
-                request.headers["Authorization"] = fresh.header
-                yield request
-
-    async def async_auth_flow(
-        self, request: httpx.Request
-    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """Authenticate an ``httpx.AsyncClient`` request without blocking the loop."""
-        self._check_httpx_origin(request)
-        sent = self._fresh() or await self._atoken(None)
-        request.headers["Authorization"] = sent.header
-        response = yield request
-        if self._should_retry_httpx(request, response):
-            fresh = await self._atoken(sent.access_token)
-            if fresh.access_token != sent.access_token:
-                request.headers["Authorization"] = fresh.header
-                yield request
-
-    def _check_httpx_origin(self, request: httpx.Request) -> None:
-        url = request.url
-        if (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)) != self._api_origin:
-            self._refuse_origin(str(url))
-
-    def _should_retry_httpx(self, request: httpx.Request, response: httpx.Response) -> bool:
-        """Whether an httpx response earns one resend (see `_should_retry`).
-
-        httpx hands the flow the response that ends a redirect chain, so the
-        decision is made on the request that response answers: it must be for
-        the API's origin and still carry our header (a detour through another
-        origin strips it, and a fresh token would not help). Only bodies that
-        httpx can produce again are replayed.
-        """
-        answered = response.request
-        return (
-            response.status_code == 401
-            and answered.headers.get("Authorization") == request.headers.get("Authorization")
-            and self._should_retry(401, str(answered.url))
-            and _replayable_httpx_stream(request.stream)
-        )
-
-    # -- The one retry policy, and the origin guard --------------------------
-
-    def _fresh(self) -> _Fresh | None:
-        """The token in memory if it has not reached its refresh time: the hot path.
-
-        One attribute read, one clock read and one comparison; no lock, no file.
-        """
-        current = self._current
-        if current is not None and _now() < current.refresh_at:
-            return current
-        return None
-
-    def _should_retry(self, status_code: int, url: str) -> bool:
-        """Whether a response earns one more try with a fresh token.
-
-        Only a 401 from the API's origin to a request we authenticated with a
-        token (not an API key), whose body can be replayed (checked by caller).
-        """
-        return status_code == 401 and self._api_key is None and self._same_origin(url)
-
-    def _same_origin(self, url: str) -> bool:
-        if url.startswith(self._api_prefix):
-            return True
-        try:
-            return _origin(url) == self._api_origin
-        except ValueError:
-            return False
-
-    def _check_origin(self, url: str) -> None:
-        if not self._same_origin(url):
-            self._refuse_origin(url)
-
-    def _refuse_origin(self, url: str) -> NoReturn:
-        parts = urllib.parse.urlsplit(url)
-        shown = f"{parts.scheme}://{parts.hostname or ''}" + (
-            f":{parts.port}" if _safe_port(parts) else ""
-        )
-        raise EdrvAuthError(
-            f"refusing to send the eDRV token to {shown}: only {self._api_url} may receive it "
-            f"(set api_url or {_ENV_API_URL} to change the API's address)"
-        )
-
-    # ---- Token core: memory -> shared cache -> endpoint, single-flight ----
-
-    def _token(self, stale: _Secret | None) -> _Fresh:
-        """Return a usable token other than ``stale``; the one blocking core.
-
-        ``stale`` is a token the API has just rejected. It is replaced only if
-        the cache still holds it (compare-and-swap): a token that another thread
-        or process already put in its place is returned instead. A token request
-        is made only under the cross-process lock and only while the shared rate
-        cap allows it; past the cap, a token that has not yet expired is handed
-        back, even ``stale`` itself, which tells a retrying caller not to resend.
-        """
-        runtime = self._rt()
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        with self._thread_lock(runtime, deadline):
-            found = self._usable(self._current, stale)
-            if found is not None:
-                return found
-            # Every write replaces the state whole, so a read without the lock is
-            # safe: a new process with a warm cache never touches the lock.
-            found = self._adopt(self._read_state(runtime, self._stores), stale)
-            if found is not None:
-                _log.debug(
-                    "using the token in the shared cache (%.0f s left)",
-                    found.token.expires_at - _now(),
-                )
-                return found
-            with self._locked_store(runtime, deadline) as store:
-                # What the locked store itself holds is what a write may replace:
-                # an empty Redis is filled, whatever token the file mirrors.
-                own = None if store is None else self._read_store(runtime, store)
-                state = own or runtime.state
-                found = self._adopt(state, stale)
-                if found is not None:
-                    return found
-                return self._refresh(runtime, state, stale, store, own.token if own else None)
-
-    def _refresh(
-        self,
-        runtime: _Runtime,
-        state: _State,
-        stale: _Secret | None,
-        store: _Store | None,
-        replacing: _Token | None,
-    ) -> _Fresh:
-        """Request a new token within the shared rate cap; record and save it."""
-        now = _now()
-        window = state.window(now)
-        if len(window) >= _MAX_TOKEN_REQUESTS:
-            return self._past_the_cap(state, window, now, stale)
-        if stale is not None:
-            _log.debug("the API rejected the current token; requesting a new one")
-        # A renewal while the token still works: one attempt, no backoff; the
-        # token covers the outage and renewal is simply tried again later.
-        held = (
-            state.token if stale is None and state.token and now < state.token.expires_at else None
-        )
-        attempts = 1 if held else _MAX_ATTEMPTS
-        sent: list[float] = []
-        token: _Token | None = None
-        kept: _Fresh | None = None
-        try:
-            token = self._request_token(min(_MAX_TOKEN_REQUESTS - len(window), attempts), sent)
-        except TokenRequestError as exc:
-            if held is None:
-                raise
-            kept = self._keep_after_failed_renewal(runtime, held, exc)
-        finally:
-            renew_after = kept.refresh_at if kept else None
-            runtime.state = state.after_request(token, stale, sent, now, renew_after)
-            if store is not None:
-                self._save(runtime, store, runtime.state, replacing)
-        if token is None:
-            if kept is None:  # pragma: no cover - a failure either raised or kept the token
-                raise AssertionError("unreachable")
-            return kept
-        runtime.renewal_failing = False
-        return self._publish(token)
-
-    def _keep_after_failed_renewal(
-        self, runtime: _Runtime, held: _Token, exc: TokenRequestError
-    ) -> _Fresh:
-        """Keep using a token that has not expired; try renewing it again later.
-
-        The retry time goes into the shared state too (``renew_after``), so
-        that other processes wait as well. Logged at WARNING once per outage,
-        at DEBUG after that.
-        """
-        now = _now()
-        fresh = _Fresh(held, min(now + _RENEW_RETRY, held.expires_at))
-        self._current = fresh
-        level = logging.DEBUG if runtime.renewal_failing else logging.WARNING
-        runtime.renewal_failing = True
-        _log.log(
-            level,
-            "could not renew the token (%s); still using the current one, which expires in "
-            "%.0f s; trying again in %.0f s",
-            exc,
-            held.expires_at - now,
-            fresh.refresh_at - now,
-        )
-        return fresh
-
-    def _save(
-        self, runtime: _Runtime, store: _Store, state: _State, replacing: _Token | None
-    ) -> None:
-        """Write ``state`` to the locked store, and copy it to the stores after it.
-
-        The copy (say, Redis's state into the file) is what a fallback starts
-        from if the first store goes away: the rate cap's record included.
-        """
-        held = replacing.access_token if replacing else None
-        for target in self._stores[self._stores.index(store) :]:
-            try:
-                target.write(state, held if target is store else None)
-            except OSError as exc:
-                self._warn_unusable(runtime, target, exc)
-
-    def _past_the_cap(
-        self, state: _State, window: tuple[float, ...], now: float, stale: _Secret | None
-    ) -> _Fresh:
-        held = [state.token, self._current.token if self._current else None]
-        allowed_at = window[0] + _TOKEN_REQUEST_WINDOW
-        for token in held:
-            if token is not None and now < token.expires_at:
-                _log.debug("token request rate cap reached; keeping the current token")
-                if token.access_token == stale:
-                    return _Fresh(token, token.refresh_at(self._refresh_margin))
-                # Not rejected, just due: serve it from memory until the cap allows a renewal.
-                fresh = self._current = _Fresh(token, min(allowed_at, token.expires_at))
-                return fresh
-        wait = max(allowed_at - now, 0.0)
-        raise TokenRequestError(
-            f"not requesting a token: {len(window)} token requests in the last "
-            f"{_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
-            f"as misuse); the next one is allowed in {wait:.0f} s"
-        )
-
-    def _usable(self, current: _Fresh | None, stale: _Secret | None) -> _Fresh | None:
-        if current is None or current.access_token == stale or _now() >= current.refresh_at:
-            return None
-        return current
-
-    def _adopt(self, state: _State, stale: _Secret | None) -> _Fresh | None:
-        """Publish the shared token for the hot path if it is usable and not ``stale``.
-
-        After a failed renewal (``renew_after``) it stays usable until then, at
-        most until it expires: every process waits, not just the one that tried.
-        """
-        token = state.token
-        if token is None:
-            return None
-        refresh_at = token.refresh_at(self._refresh_margin)
-        if state.renew_after is not None:
-            refresh_at = max(refresh_at, min(state.renew_after, token.expires_at))
-        found = self._usable(_Fresh(token, refresh_at), stale)
-        if found is not None:
-            self._current = found  # one assignment: readers need no lock
-        return found
-
-    def _publish(self, token: _Token) -> _Fresh:
-        """Publish a token just obtained, even one stale at birth, and return it."""
-        fresh = _Fresh(token, token.refresh_at(self._refresh_margin))
-        if _now() < fresh.refresh_at:
-            self._current = fresh
-        return fresh
-
-    async def _atoken(self, stale: _Secret | None) -> _Fresh:
-        """The async face of :meth:`_token`: the same core, in a worker thread.
-
-        Tasks of one event loop that need a token at the same time share one job
-        (keyed by the loop's thread and the rejected token), so a hundred tasks
-        on a cold cache occupy one worker thread and cause one token request.
-        The event loop itself never takes a lock: it reads one attribute.
-        """
-        found = self._usable(self._current, stale)
-        if found is not None:
-            return found
-        run_sync, make_event, make_lock = _async_backend()
-        jobs = self._rt().jobs
-        key = (threading.get_ident(), stale)
-        job = jobs.get(key)
-        if job is not None:
-            await job.done.wait()
-            async with job.handoff:
-                pass  # resume the waiters one per loop turn, not all in one long turn
-            if job.error is not None:
-                raise job.error
-            if job.value is not None:
-                return job.value
-            return await self._atoken(stale)  # the leading task was cancelled
-        job = jobs[key] = _Job(make_event(), make_lock())
-        try:
-            job.value = await run_sync(self._token, stale)
-        except Exception as exc:
-            job.error = exc
-            raise
-        finally:
-            del jobs[key]
-            job.done.set()
-        return job.value
-
-    @contextlib.contextmanager
-    def _thread_lock(self, runtime: _Runtime, deadline: float) -> Iterator[None]:
-        if not runtime.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise EdrvAuthError(
-                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token request"
-            )
-        try:
-            yield
-        finally:
-            runtime.lock.release()
-
-    @contextlib.contextmanager
-    def _locked_store(self, runtime: _Runtime, deadline: float) -> Iterator[_Store | None]:
-        """Lock the first usable shared store and yield it; ``None`` means memory only.
-
-        A store that cannot be used (Redis unreachable, a read-only cache folder
-        in a container) is skipped with one warning, never failing the request.
-        """
-        for store in self._stores:
-            with contextlib.ExitStack() as stack:
-                try:
-                    stack.enter_context(store.locked(deadline))
-                except OSError as exc:
-                    self._warn_unusable(runtime, store, exc)
-                    continue
-                yield store
-                return
-        yield None
-
-    def _read_state(self, runtime: _Runtime, stores: Sequence[_Store]) -> _State:
-        """The shared state from the first store that has one, else the one in memory.
-
-        An empty Redis (flushed, restarted) does not hide the state mirrored to
-        the file: a machine reuses its saved token instead of requesting one.
-        """
-        for store in stores:
-            state = self._read_store(runtime, store)
-            if state is not None:
-                return state
-        return runtime.state
-
-    def _read_store(self, runtime: _Runtime, store: _Store) -> _State | None:
-        """The state one store holds (remembered in memory), or ``None``."""
-        try:
-            state = store.read()
-        except OSError as exc:
-            self._warn_unusable(runtime, store, exc)
-            return None
-        if state is not None:
-            runtime.state = state
-        return state
-
-    def _warn_unusable(self, runtime: _Runtime, store: _Store, exc: OSError) -> None:
-        if store.label in runtime.warned:
-            return
-        runtime.warned.add(store.label)
-        later = self._stores[self._stores.index(store) + 1 :]
-        _log.warning(
-            "cannot use the token cache %s (%s); %s",
-            store.label,
-            exc.strerror or type(exc).__name__,
-            f"using {later[0].label} instead" if later else "keeping the token in memory only",
-        )
-
-    # ---- Token endpoint: one request, bounded retries, parsing ------------
-
-    def _request_token(self, attempts: int, sent: list[float]) -> _Token:
-        """Ask the token endpoint for a token, retrying transient failures.
-
-        Connection errors, timeouts, 429 and 5xx are retried with exponential
-        backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx,
-        an untrusted certificate and a proxy refusing the tunnel are final. Each
-        attempt ends by ``timeout``, and all of them within `_FETCH_DEADLINE`.
-        ``sent`` receives the time of every attempt that reached the endpoint,
-        for the shared rate cap. Returns the parsed token.
-
-        Nothing here holds the secret, the answer or a token in a plain local,
-        and every error is raised outside an ``except`` block: error reporters
-        collect the locals of each frame of an error and of its chained ones.
-        """
-        redactor = _Redactor(self._client_id, self._client_secret)
-        started = _monotonic()
-        for attempt in range(1, attempts + 1):
-            _log.debug("requesting a token from %s (attempt %d)", self._token_url, attempt)
-            obtained_at = _now()
-            answer = _post(self._token_url, _token_form(self), self._timeout, self._verify)
-            if isinstance(answer, _Answer):
-                sent.append(obtained_at)
-                outcome = _judge(self._token_url, answer, redactor, obtained_at)
-                if isinstance(outcome, _Token):
-                    return outcome
-            else:
-                outcome = answer
-                if outcome.reached:
-                    sent.append(obtained_at)
-            delay = _backoff(attempt, outcome.retry_after)
-            if (
-                not outcome.retry
-                or attempt == attempts
-                or _monotonic() - started + delay + self._timeout > _FETCH_DEADLINE
-            ):
-                raise outcome.error
-            _log.debug(
-                "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
-            )
-            _sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
-# ---- Token: immutable value + expiry arithmetic (pure) --------------------
+# ---- Token values: secrets, tokens, cache records (pure) --------------------
 
 
 class _Secret:
@@ -939,6 +219,28 @@ class _Secret:
 
     def __reduce__(self) -> tuple[type[_Secret], tuple[str]]:
         return _Secret, (self.value,)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (not a bool): what JSON numbers must be to be used."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400 in a JSON file
+        return False
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """Parse a JSON object from untrusted bytes; ``None`` for anything else.
+
+    Deeply nested input raises RecursionError rather than ValueError.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class _Token:
@@ -1018,14 +320,19 @@ class _Token:
         return cls(_Secret(data["access_token"]), float(obtained), float(expires), scope)
 
 
-class _Fresh:
-    """What the hot path reads: a token, its header, and when it stops being usable."""
+class _Published:
+    """A token as the hot path sends it: the token, its header, and until when to send it.
 
-    __slots__ = ("header", "refresh_at", "token")
+    ``serve_until`` is usually the token's refresh time; after a failed renewal
+    or past the storm cap it is later (never past the expiry), and it is
+    infinite for an API key.
+    """
 
-    def __init__(self, token: _Token, refresh_at: float) -> None:
+    __slots__ = ("header", "serve_until", "token")
+
+    def __init__(self, token: _Token, serve_until: float) -> None:
         self.token = token
-        self.refresh_at = refresh_at
+        self.serve_until = serve_until
         self.header = f"Bearer {token.access_token.value}"
 
     @property
@@ -1033,10 +340,10 @@ class _Fresh:
         return self.token.access_token
 
     def __repr__(self) -> str:
-        return f"_Fresh(refresh_at={self.refresh_at!r})"
+        return f"_Published(serve_until={self.serve_until!r})"
 
 
-class _State(NamedTuple):
+class _CacheRecord(NamedTuple):
     """What the shared cache holds: the token, and what the rate cap counts.
 
     The storm cap counts, in ``requests``, every token request
@@ -1053,7 +360,7 @@ class _State(NamedTuple):
     #: A renewal of ``token`` failed: keep using it, and try again at this time.
     renew_after: float | None = None
 
-    def window(self, now: float) -> tuple[float, ...]:
+    def counted_times(self, now: float) -> tuple[float, ...]:
         """The counted token-request times within the cap's window ending at ``now``."""
         times = (*self.requests, *(() if self.renewed_at is None else (self.renewed_at,)))
         earliest, latest = now - _TOKEN_REQUEST_WINDOW, now + _CLOCK_SKEW
@@ -1066,7 +373,7 @@ class _State(NamedTuple):
         sent: list[float],
         now: float,
         renew_after: float | None = None,
-    ) -> _State:
+    ) -> _CacheRecord:
         """The state after a token request that sent ``sent`` attempts.
 
         A token the API rejected (``stale``) is dropped even if no new one came;
@@ -1080,68 +387,15 @@ class _State(NamedTuple):
         requests.extend(counted)
         kept = self.token if self.token and self.token.access_token != stale else None
         renew_after = renew_after if token is None and kept is not None else None
-        return _State(
+        return _CacheRecord(
             token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at, renew_after
         )
 
-    def without_token(self) -> _State:
-        return _State(None, self.requests, self.renewed_at)
+    def without_token(self) -> _CacheRecord:
+        return _CacheRecord(None, self.requests, self.renewed_at)
 
 
-class _Job:
-    """One in-flight async token job that several tasks wait on."""
-
-    def __init__(self, done: Any, handoff: Any) -> None:
-        self.done = done  # an anyio.Event (or asyncio.Event without anyio)
-        self.handoff = handoff  # an anyio.Lock (or asyncio.Lock)
-        self.value: _Fresh | None = None
-        self.error: Exception | None = None
-
-
-class _Runtime:
-    """What belongs to one process: the thread lock and the in-flight jobs.
-
-    Locks do not survive pickling, and one held by another thread at fork time
-    would never be released in the child; keeping them here lets pickling drop
-    them and a forked child replace them in one step. (The caches keep their
-    own per-process lock and connection the same way.)
-    """
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.jobs: dict[tuple[int, _Secret | None], _Job] = {}
-        self.state = _State()  # the last known shared state; all we have without a cache
-        self.warned: set[str] = set()  # caches already reported unusable
-        self.renewal_failing = False  # a failed renewal was logged at WARNING
-
-
-# ---- Shared caches: one small interface, a file and Redis ------------------
-
-if TYPE_CHECKING:  # a typing aid only: no Protocol class to build at import
-
-    class _Store(Protocol):
-        """Where processes share the state: the token core talks only to this.
-
-        ``read`` returns the trusted state or ``None``; ``write`` replaces it, but
-        only while it still holds the token ``replacing`` (compare-and-swap, in one
-        step where the lock alone cannot guarantee it); ``locked`` is the
-        cross-process lock for one token request, raising ``EdrvAuthError`` on
-        timeout. Any method raises ``OSError`` when the store cannot be used.
-        """
-
-        label: str
-
-        def read(self) -> _State | None: ...
-
-        def write(self, state: _State, replacing: _Secret | None) -> None: ...
-
-        def remove(self) -> None: ...
-
-        def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]: ...
-
-
-def _dump_state(state: _State) -> bytes:
+def _dump_record(state: _CacheRecord) -> bytes:
     return json.dumps(
         {
             "version": 1,
@@ -1153,383 +407,7 @@ def _dump_state(state: _State) -> bytes:
     ).encode()
 
 
-class _FileCache:
-    """The token cache file shared by every process of one user.
-
-    One file per (token_url, audience, client_id), named by a hash so that no
-    identifier shows in the file name, inside a ``0700`` folder. Writes go to a
-    temporary ``0600`` file that atomically replaces the old one. Reads trust
-    only a regular file owned by this user and not writable by others, opened
-    without following symbolic links; anything else is ignored and replaced.
-    """
-
-    def __init__(self, directory: Path, key: str) -> None:
-        name = _key_digest(key)
-        self.directory = directory
-        self.label = str(directory)
-        self.path = directory / f"{name}.json"
-        self.lock_path = directory / f"{name}.lock"
-        self._lock: filelock.BaseFileLock | None = None
-        self._lock_pid = 0
-
-    def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_lock": None}  # a FileLock does not pickle
-
-    def make_lock(self) -> filelock.BaseFileLock:
-        import filelock
-
-        return filelock.FileLock(self.lock_path, mode=0o600)
-
-    @contextlib.contextmanager
-    def locked(self, deadline: float) -> Iterator[None]:
-        """Hold the lock file beside the cache; a holder that dies releases it."""
-        import filelock
-
-        if self._lock is None or self._lock_pid != os.getpid():
-            # filelock refuses a lock object inherited across fork(): one per process.
-            self._lock, self._lock_pid = self.make_lock(), os.getpid()
-        self.ensure_dir()
-        try:
-            self._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
-        except filelock.Timeout as exc:  # a TimeoutError, hence an OSError: convert first
-            raise EdrvAuthError(
-                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
-                f"{self.lock_path} (another process holds it)"
-            ) from exc
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    def ensure_dir(self) -> None:
-        """Create the folder ``0700``, or make an existing one of ours private.
-
-        Raises ``OSError`` for a folder that is not ours to use: another user's,
-        or anything but a real folder in its place (a symbolic link included).
-        """
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.check_dir():
-            return
-        # Through a descriptor opened without following links, so that the
-        # folder made private is the one just checked, not one swapped in since.
-        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_uid != os.getuid():  # pragma: no cover - a race lost
-                raise _UnsafeFolder("the folder is owned by another user")
-            os.fchmod(fd, 0o700)
-        finally:
-            os.close(fd)
-
-    def check_dir(self) -> bool:
-        """Whether the folder (if any) needs making private; ``OSError`` if it is not ours.
-
-        ``lstat``, not ``stat``: a symbolic link in the folder's place would lead
-        our files and lock wherever its owner chose.
-        """
-        try:
-            info = os.lstat(self.directory)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISDIR(info.st_mode):
-            raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise _UnsafeFolder("the folder is owned by another user")
-        # Breakpoint: permission bits mean nothing on Windows.
-        return os.name == "posix" and bool(info.st_mode & 0o022)
-
-    def read(self) -> _State | None:
-        """Return the cached state, or ``None`` if there is none to trust.
-
-        Raises ``OSError`` when the folder is not ours (see `check_dir`).
-        """
-        self.check_dir()
-        try:
-            # O_NONBLOCK: opening (or reading) a FIFO planted here must not wait for a writer.
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
-            return None
-        try:
-            problem = _untrusted(os.fstat(fd))
-            if problem:
-                _log.debug("ignoring the cache file %s: %s", self.path, problem)
-                return None
-            raw = os.read(fd, _MAX_BODY + 1)
-        except OSError as exc:
-            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
-            return None
-        finally:
-            os.close(fd)
-        state = _parse_state(raw)
-        if state is None:
-            _log.debug("ignoring the cache file %s: not a valid token cache", self.path)
-        return state
-
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def write(self, state: _State, replacing: _Secret | None = None) -> None:
-        """Atomically replace the cache file with ``state``.
-
-        The lock file, which only a live process can hold, already makes the
-        read-compare-write under it atomic, so ``replacing`` needs no check.
-        """
-        self.ensure_dir()
-        temporary = self.directory / f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
-        fd = os.open(temporary, flags, 0o600)
-        try:
-            try:
-                if hasattr(os, "fchmod"):  # Breakpoint: Windows has no fchmod
-                    os.fchmod(fd, 0o600)  # a umask can only remove bits; make it exact
-                os.write(fd, _dump_state(state))  # no local: the state holds the token
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-        self._remove_leftovers()
-
-    def _remove_leftovers(self) -> None:
-        """Delete temporary files that a writer killed mid-write left behind.
-
-        Only ours (by name), only regular files, and only old ones: a fresh one
-        may belong to a writer that is still at work.
-        """
-        for leftover in self.directory.glob(f".{self.path.name}.*"):
-            with contextlib.suppress(OSError):
-                info = leftover.lstat()
-                if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > 60:
-                    leftover.unlink()
-
-
-_O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
-_O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
-_O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
-
-
-class _UnsafeFolder(OSError):
-    """The cache folder is not ours to use; the message says why, naming no secret."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(0, reason)
-
-
-def _forget_token(store: _Store, deadline: float) -> None:
-    """Drop the token from one store, keeping the rate cap's record if recent."""
-    if store.read() is None:
-        return  # nothing to forget: create no folder, lock or key
-    with store.locked(deadline):
-        state = store.read()
-        if state is None:
-            return
-        forgotten = state.without_token()
-        if not forgotten.window(_now()):
-            store.remove()
-        else:
-            store.write(forgotten, state.token.access_token if state.token else None)
-
-
-class _RedisCache:
-    """The shared state in Redis, for processes on many machines.
-
-    The state is stored under a key derived from a hash of (token_url,
-    audience, client_id), with a TTL that ends when it stops being useful, and
-    holds no secret but the token. Single flight across machines is a
-    ``SET NX PX`` lock with a random owner value, released only by its owner
-    and expiring by itself if the holder dies; the write after a token request
-    is a compare-and-swap in a Lua script. Any Redis error makes the store
-    unusable for a while (``OSError``), so the core falls back to the file.
-    """
-
-    def __init__(self, url: _Secret, key: str) -> None:
-        try:
-            import redis  # noqa: F401 - fail at construction, not at the first request
-        except ImportError:
-            raise EdrvAuthError(
-                "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
-            ) from None
-        # The URL may hold a password: it is parsed in a frame that returns
-        # before anything raises, and comes back as a label that shows none.
-        problem, label = _redis_label(url)
-        if problem:
-            raise EdrvAuthError(problem)
-        self.label = label
-        self.key = f"edrv_auth:{_key_digest(key)}"
-        self.lock_key = f"{self.key}:lock"
-        self._url = url
-        self._client: Any = None
-        self._client_pid = 0
-        self._down_until = 0.0
-
-    def __repr__(self) -> str:
-        return f"_RedisCache({self.label!r})"  # the URL may hold a password
-
-    def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_client": None}
-
-    def _call(self, operation: Callable[[Any], Any]) -> Any:
-        """Run one Redis operation; any Redis failure becomes an OSError."""
-        import redis
-
-        if _redis_clock() < self._down_until:
-            raise _RedisDown("unreachable a moment ago")
-        try:
-            if self._client is None or self._client_pid != os.getpid():
-                self._client = redis.Redis.from_url(
-                    self._url.value,  # unwrapped only here, where redis-py takes it
-                    socket_connect_timeout=_REDIS_TIMEOUT,
-                    socket_timeout=_REDIS_TIMEOUT,
-                )
-                self._client_pid = os.getpid()
-            return operation(self._client)
-        except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
-            self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
-            raise _RedisDown(type(exc).__name__) from exc
-
-    def read(self) -> _State | None:
-        """The state in Redis, checked as the cache file is (and as large at most)."""
-        raw = self._call(lambda r: r.eval(_REDIS_READ, 1, self.key, _MAX_BODY))
-        if raw is None:
-            return None
-        if isinstance(raw, int):
-            _log.debug("ignoring the Redis cache %s: too large (%d bytes)", self.label, raw)
-            return None
-        state = _parse_state(raw)
-        if state is None:
-            _log.debug("ignoring the Redis cache %s: not a valid token cache", self.label)
-        return state
-
-    def write(self, state: _State, replacing: _Secret | None) -> None:
-        now = _now()
-        useful_until = max(state.window(now), default=now) + _TOKEN_REQUEST_WINDOW
-        if state.token is not None:
-            useful_until = max(useful_until, state.token.expires_at)
-        ttl_ms = max(int((useful_until - now) * 1000), 1000)
-        swapped = self._call(
-            lambda r: r.eval(
-                _REDIS_SWAP,
-                1,
-                self.key,
-                replacing.value if replacing else "",
-                _dump_state(state),
-                ttl_ms,
-            )
-        )
-        if not swapped:
-            _log.debug("the Redis cache changed meanwhile; not overwriting it")
-
-    def remove(self) -> None:
-        self._call(lambda r: r.delete(self.key))
-
-    @contextlib.contextmanager
-    def locked(self, deadline: float) -> Iterator[None]:
-        owner = os.urandom(16).hex()
-        ttl_ms = int(_REDIS_LOCK_TTL * 1000)
-        checked = False
-        while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
-            if not checked:
-                # A lock without a TTL was not set by this protocol; give it one,
-                # so that it ends like a dead holder's instead of never.
-                self._call(lambda r: r.eval(_REDIS_EXPIRE_FOREVER, 1, self.lock_key, ttl_ms))
-                checked = True
-            if time.monotonic() >= deadline:
-                # A lock that never expires (a holder that set no TTL) must not
-                # stop the fleet: leave Redis alone for a while, use the file.
-                _log.debug("timed out waiting for the token lock in Redis %s", self.label)
-                self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
-                raise _RedisDown("its token lock was held too long")
-            time.sleep(_REDIS_LOCK_POLL)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                self._call(lambda r: r.eval(_REDIS_RELEASE, 1, self.lock_key, owner))
-
-
-def _redis_label(url: _Secret) -> tuple[str, str]:
-    """(what is wrong with a Redis URL or "", a label for it without user or password)."""
-    parts = urllib.parse.urlsplit(url.value)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        return "redis_url must be a redis://, rediss:// or unix:// URL", ""
-    if parts.scheme == "unix":
-        return "", f"unix://{parts.path}"
-    if not parts.hostname:
-        return "redis_url has no host", ""
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        return "redis_url has an invalid port", ""
-    return "", f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
-
-
-class _RedisDown(OSError):
-    """Redis could not be used; the message names the Redis error class only."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(0, reason)
-
-
-#: Replace the state only if it still holds the token we read (ARGV[1], "" for
-#: none), whatever happened to the lock meanwhile (it may have expired).
-_REDIS_SWAP: Final = """
-local current = redis.call('GET', KEYS[1])
-local held = ''
-if current then
-  local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and type(doc['token']) == 'table'
-     and type(doc['token']['access_token']) == 'string' then
-    held = doc['token']['access_token']
-  end
-end
-if held ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
-#: Read the state unless it is larger than ARGV[1] bytes: then only its size.
-_REDIS_READ: Final = """
-local size = redis.call('STRLEN', KEYS[1])
-if size > tonumber(ARGV[1]) then return size end
-return redis.call('GET', KEYS[1])
-"""
-#: Give a lock that never expires (PTTL -1) the TTL ARGV[1] that ours have.
-_REDIS_EXPIRE_FOREVER: Final = """
-if redis.call('PTTL', KEYS[1]) == -1 then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 0
-"""
-#: Release the lock only if we still own it.
-_REDIS_RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def _key_digest(key: str) -> str:
-    """A name for one credential set that reveals none of its parts."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _untrusted(info: os.stat_result) -> str | None:
-    """Why a cache file must not be trusted, or ``None`` if it may be."""
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        return "owned by another user"
-    if os.name == "posix" and info.st_mode & 0o022:
-        return "writable by group or others"
-    if info.st_size > _MAX_BODY:
-        return "too large"
-    return None
-
-
-def _parse_state(raw: bytes) -> _State | None:
+def _parse_record(raw: bytes) -> _CacheRecord | None:
     data = _json_object(raw)
     if data is None or data.get("version") != 1:
         return None
@@ -1549,44 +427,28 @@ def _parse_state(raw: bytes) -> _State | None:
     if _is_number(data.get("renew_after")):
         renew_after = float(data["renew_after"])
         renew_after = renew_after if renew_after <= _now() + _RENEW_RETRY + _CLOCK_SKEW else None
-    return _State(token, requests, None if renewed_at is None else float(renewed_at), renew_after)
+    return _CacheRecord(
+        token, requests, None if renewed_at is None else float(renewed_at), renew_after
+    )
 
 
-def _default_cache_dir() -> Path:
-    """The per-user cache folder, without a dependency (appdirs' rules).
+# ---- Token endpoint: the token request, its transport and parsing -----------
 
-    ========  ===========================================
-    Windows   ``%LOCALAPPDATA%\\edrv_auth``
-    macOS     ``~/Library/Caches/edrv_auth``
-    other     ``$XDG_CACHE_HOME/edrv_auth`` (if absolute), else ``~/.cache/edrv_auth``
-    ========  ===========================================
-    """
-    if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":  # pragma: no cover - CI runs on Linux
-        base = str(Path.home() / "Library" / "Caches")
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".cache")
-    return Path(base) / "edrv_auth"
-
-
-# ---- Token endpoint: transport and parsing (pure where possible) ----------
-
-# The token request is made with the standard library (socket, ssl,
-# http.client) rather than with the caller's session: it must not depend on
-# which HTTP library is installed, on the caller's adapters or hooks, and it
-# must never follow a redirect (the form holds the secret). It trusts and
-# routes like requests and httpx do in the same environment.
 
 #: CA variables, in the order requests (first pair) and httpx (second pair) read them.
 _CA_VARIABLES: Final = (("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"), ("SSL_CERT_FILE", "SSL_CERT_DIR"))
+
+
 _TRUST_HINT: Final = (
     "if a company proxy or a private CA signs it, set REQUESTS_CA_BUNDLE or SSL_CERT_FILE "
     "to that CA's bundle, or pass verify= a CA bundle path or an ssl.SSLContext"
 )
+
+
 #: OpenSSL's verify codes for a certificate issued for another host or IP address.
 _NAME_MISMATCH: Final = frozenset({62, 64})
+
+
 #: RFC 6749 and RFC 6750 error codes, and a few common extensions: always shown.
 _OAUTH_ERRORS: Final = frozenset(
     {
@@ -1605,11 +467,17 @@ _OAUTH_ERRORS: Final = frozenset(
         "too_many_requests",
     }
 )
+
+
 #: Other `error` values are shown only in this shape (and never echoing the secret).
 _ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
+
+
 #: Built SSL contexts, one per trust configuration and process (a context is
 #: costly to build: certifi's bundle alone holds about 150 certificates).
 _contexts: dict[tuple[int, tuple[tuple[str, str], ...]], ssl.SSLContext] = {}
+
+
 # Indirection for tests of the overall deadline; each attempt's own deadline is
 # always real time, since sockets wait in real time.
 _monotonic: Callable[[], float] = time.monotonic
@@ -1676,99 +544,112 @@ class _Proxy:
         return f"_Proxy({self.label!r})"
 
 
-def _token_form(auth: EdrvAuth) -> _Secret:
-    """The client-credentials form, masked: the secret is unwrapped only in this expression."""
-    return _Secret(
-        urllib.parse.urlencode(
-            {
-                "grant_type": "client_credentials",
-                "client_id": auth._client_id or "",
-                "client_secret": auth._client_secret.value if auth._client_secret else "",
-                "audience": auth._audience,
-            }
-        )
-    )
+def _fold(text: str) -> str:
+    """``text`` for comparison: compatibility forms unified, case folded, and every
+    invisible, combining, control or space character removed."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
 
 
-def _post(
-    url: str, form: _Secret, timeout: float, verify: bool | str | ssl.SSLContext
-) -> _Answer | _Failure:
-    """POST ``form`` to ``url``; return the answer (body capped), or why there is none.
+class _Redactor:
+    """Recognises the client secret in server-provided text, however it was encoded.
 
-    Every step (name lookup, connect, proxy tunnel, TLS handshake, sending, the
-    status line, headers and body) ends by one deadline ``timeout`` seconds
-    away, however slowly the bytes come. Never raises for a network failure:
-    the exceptions of the standard library's frames (which hold the form) are
-    turned into a `_Failure` here, and not chained to the error raised later.
+    A proxy or endpoint may echo the form (the secret URL-encoded, with ``/``
+    kept or not, upper- or lower-case escapes), the Basic header (base64 of the
+    secret or of ``client_id:secret``), or an HTML page (entities), with
+    invisible characters slipped in. Text that shares any run of 8 characters
+    (the whole secret, if shorter) with any of these is not shown; exact copies
+    are masked first, so that a description naming the secret in passing still
+    reads well. The encodings are built inside the methods, never kept.
     """
-    import http.client
-    import ssl
 
-    deadline = time.monotonic() + timeout
-    scheme, host, port = _origin(url)
-    parts = urllib.parse.urlsplit(url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    proxy = _proxy_for(scheme, host, port)
-    if isinstance(proxy, str):
-        return _Failure(TokenRequestError(proxy), reached=False, retry=False)
-    context: ssl.SSLContext | None = None
-    trusted = ""
-    if scheme == "https":
-        trust = _trust(verify)
-        if isinstance(trust, str):
-            return _Failure(TokenRequestError(trust), reached=False, retry=False)
-        context, trusted = trust
-    elif proxy is not None:
-        target = url  # plain http through a proxy: the request names the whole URL
-    if proxy is not None:
-        _log.debug("token request through the proxy %s", proxy.label)
-    where = f"the token endpoint {url}" if proxy is None else f"the proxy {proxy.label}"
-    stage = "connect"
-    sockets: list[socket.socket] = []
-    failure: _Failure | None = None
-    try:
-        sockets.append(_connect(proxy or (host, port), deadline))
-        if proxy is not None and context is not None:
-            stage = "tunnel"
-            failure = _tunnel(sockets[-1], proxy, host, port, deadline)
-        if failure is None and context is not None:
-            stage = "tls"
-            tls = context.wrap_socket(
-                sockets[-1], server_hostname=host, do_handshake_on_connect=False
-            )
-            sockets.append(tls)
-            tls.settimeout(_left(deadline))
-            tls.do_handshake()
-        if failure is None:
-            stage = "send"
-            connection = http.client.HTTPConnection(host, port)
-            connection.set_debuglevel(0)  # a global HTTPConnection.debuglevel would print the form
-            connection.sock = _DeadlineSocket(sockets[-1], deadline)
-            connection.request(
-                "POST",
-                target,
-                body=form.value.encode(),
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Accept": "application/json",
-                    "User-Agent": f"edrv-auth/{__version__}",
-                    "Connection": "close",
-                    **_proxy_header(proxy if context is None else None),
-                },
-            )
-            stage = "answer"
-            response = connection.getresponse()
-            return _Answer(response.status, response.headers, _read_body(response))
-    except ssl.SSLCertVerificationError as exc:
-        failure = _untrusted_certificate(url, host, exc, trusted)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        failure = _network_failure(url, where, stage, exc, timeout)
-    finally:
-        for opened in reversed(sockets):
-            opened.close()
-    if failure is None:  # pragma: no cover - every path above returns or sets it
-        raise AssertionError("no answer and no failure")
-    return failure
+    __slots__ = ("_client_id", "_secret")
+
+    def __init__(self, client_id: str | None, secret: _Secret | None) -> None:
+        self._client_id = client_id or ""
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "_Redactor('***')"
+
+    def _encodings(self) -> list[str]:
+        import base64
+
+        if not self._secret:
+            return []
+        quote = urllib.parse.quote
+        variants = [
+            self._secret.value,
+            quote(self._secret.value, safe=""),
+            quote(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value, safe="/"),
+        ]
+        for plain in (self._secret.value, f"{self._client_id}:{self._secret.value}"):
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                variants.append(encode(plain.encode()).decode())
+                variants.append(variants[-1].rstrip("="))
+        variants += [v.lower() for v in variants[1:5]]  # lower-case percent escapes
+        return sorted({v for v in variants if v}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        """``text`` with exact copies of any encoding of the secret replaced by ``***``."""
+        for encoding in self._encodings():
+            text = text.replace(encoding, "***")
+        return text
+
+    def echoes(self, text: str) -> bool:
+        """Whether ``text``, decoded every way a server might have encoded it, shares a
+        run of 8 characters with any encoding of the secret."""
+        import html
+
+        views = {_fold(text)}
+        for decode in (urllib.parse.unquote, urllib.parse.unquote_plus, html.unescape):
+            decoded = text
+            for _ in range(3):  # double encodings too
+                decoded = decode(decoded)
+                views.add(_fold(decoded))
+        for encoding in self._encodings():
+            folded = _fold(encoding)
+            width = min(8, len(folded))
+            runs = {folded[i : i + width] for i in range(len(folded) - width + 1)}
+            if any(run and run in view for run in runs for view in views):
+                return True
+        return False
+
+    def clean(self, text: str, limit: int = 200) -> str | None:
+        """``text`` made safe for a message, or ``None`` if it echoes the secret."""
+        shown = _clean(text, self, limit)
+        return None if shown == "***" and text.strip() != "***" else shown
+
+
+def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
+    """Make server-provided text safe for a message: no secrets, no control chars.
+
+    Control characters go first, so that replacing them cannot rebuild a
+    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
+    is shown as ``***`` only.
+    """
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if secrets is not None:
+        text = secrets.mask(text)
+        if secrets.echoes(text):
+            return "***"
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, safe description of a network error (never its arguments)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({_clean(str(exc.strerror or 'name lookup failed'))})"
+    reason = getattr(exc, "reason", None)  # ssl.SSLError: OpenSSL's reason code
+    text = getattr(exc, "strerror", None) or (reason if isinstance(reason, str) else None)
+    name = type(exc).__name__
+    return _clean(f"{name}: {text}" if text else name, limit=120)
 
 
 def _left(deadline: float) -> float:
@@ -1907,6 +788,39 @@ def _tunnel(
     return _Failure(TokenRequestError(message), reached=False, retry=answer.status >= 500)
 
 
+def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` excludes ``host``, as requests (and curl) read it.
+
+    ``*`` excludes every host; ``example.com``, ``.example.com`` and
+    ``*.example.com`` the domain and its subdomains (a leading dot is ignored,
+    as urllib does for requests; httpx alone would read it as subdomains only);
+    an IP address or network (``10.0.0.0/8``) the addresses in it; each
+    optionally with ``:port``. Names compare without regard to case.
+    """
+    import ipaddress
+
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry.startswith("[") and "]:" in entry:
+            name, entry_port = entry[1:].split("]:", 1)
+        name = name.strip("[]")
+        if not name or (entry_port and entry_port != str(port)):
+            continue
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
+                return True
+            continue
+        except ValueError:
+            pass
+        name = name.removeprefix("*").removeprefix(".")
+        if host == name or host.endswith(f".{name}"):
+            return True
+    return False
+
+
 def _proxy_for(scheme: str, host: str, port: int) -> _Proxy | str | None:
     """The proxy for the token request, as requests and httpx choose it; or why none works.
 
@@ -1947,39 +861,6 @@ def _proxy_for(scheme: str, host: str, port: int) -> _Proxy | str | None:
             ).decode()
         )
     return _Proxy(parts.hostname, proxy_port, authorization)
-
-
-def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
-    """Whether ``NO_PROXY`` excludes ``host``, as requests (and curl) read it.
-
-    ``*`` excludes every host; ``example.com``, ``.example.com`` and
-    ``*.example.com`` the domain and its subdomains (a leading dot is ignored,
-    as urllib does for requests; httpx alone would read it as subdomains only);
-    an IP address or network (``10.0.0.0/8``) the addresses in it; each
-    optionally with ``:port``. Names compare without regard to case.
-    """
-    import ipaddress
-
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if entry == "*":
-            return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry.startswith("[") and "]:" in entry:
-            name, entry_port = entry[1:].split("]:", 1)
-        name = name.strip("[]")
-        if not name or (entry_port and entry_port != str(port)):
-            continue
-        try:
-            if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
-                return True
-            continue
-        except ValueError:
-            pass
-        name = name.removeprefix("*").removeprefix(".")
-        if host == name or host.endswith(f".{name}"):
-            return True
-    return False
 
 
 def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | str:
@@ -2103,21 +984,89 @@ def _read_body(response: Any) -> bytes:
     return b"".join(chunks)
 
 
-def _judge(url: str, answer: _Answer, redactor: _Redactor, obtained_at: float) -> _Token | _Failure:
-    """The token in a 2xx answer, or the failure any other answer means."""
-    status = answer.status
-    if 200 <= status < 300:
-        parsed = _parse_token(answer, obtained_at, redactor)
-        if isinstance(parsed, str):
-            return _Failure(TokenRequestError(parsed, status), reached=True, retry=False)
-        return parsed
-    error = _token_error(url, answer, redactor)
-    if status != 429 and status < 500:
-        return _Failure(error, reached=True, retry=False)
-    retry_after = _retry_after(answer.headers.get("Retry-After"))
-    if retry_after is not None and retry_after > _RETRY_AFTER_CAP:
-        return _Failure(error, reached=True, retry=False)
-    return _Failure(error, reached=True, retry=True, retry_after=retry_after)
+def _post(
+    url: str, form: _Secret, timeout: float, verify: bool | str | ssl.SSLContext
+) -> _Answer | _Failure:
+    """POST ``form`` to ``url``; return the answer (body capped), or why there is none.
+
+    Every step (name lookup, connect, proxy tunnel, TLS handshake, sending, the
+    status line, headers and body) ends by one deadline ``timeout`` seconds
+    away, however slowly the bytes come. Never raises for a network failure:
+    the exceptions of the standard library's frames (which hold the form) are
+    turned into a `_Failure` here, and not chained to the error raised later.
+    """
+    import http.client
+    import ssl
+
+    deadline = time.monotonic() + timeout
+    scheme, host, port = _origin(url)
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = _proxy_for(scheme, host, port)
+    if isinstance(proxy, str):
+        return _Failure(TokenRequestError(proxy), reached=False, retry=False)
+    context: ssl.SSLContext | None = None
+    trusted = ""
+    if scheme == "https":
+        trust = _trust(verify)
+        if isinstance(trust, str):
+            return _Failure(TokenRequestError(trust), reached=False, retry=False)
+        context, trusted = trust
+    elif proxy is not None:
+        target = url  # plain http through a proxy: the request names the whole URL
+    if proxy is not None:
+        _log.debug("token request through the proxy %s", proxy.label)
+    where = f"the token endpoint {url}" if proxy is None else f"the proxy {proxy.label}"
+    stage = "connect"
+    sockets: list[socket.socket] = []
+    failure: _Failure | None = None
+    try:
+        sockets.append(_connect(proxy or (host, port), deadline))
+        if proxy is not None and context is not None:
+            stage = "tunnel"
+            failure = _tunnel(sockets[-1], proxy, host, port, deadline)
+        if failure is None and context is not None:
+            stage = "tls"
+            tls = context.wrap_socket(
+                sockets[-1], server_hostname=host, do_handshake_on_connect=False
+            )
+            sockets.append(tls)
+            tls.settimeout(_left(deadline))
+            tls.do_handshake()
+        if failure is None:
+            stage = "send"
+            connection = http.client.HTTPConnection(host, port)
+            connection.set_debuglevel(0)  # a global HTTPConnection.debuglevel would print the form
+            connection.sock = _DeadlineSocket(sockets[-1], deadline)
+            connection.request(
+                "POST",
+                target,
+                body=form.value.encode(),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                    "User-Agent": f"edrv-auth/{__version__}",
+                    "Connection": "close",
+                    **_proxy_header(proxy if context is None else None),
+                },
+            )
+            stage = "answer"
+            response = connection.getresponse()
+            return _Answer(response.status, response.headers, _read_body(response))
+    except ssl.SSLCertVerificationError as exc:
+        failure = _untrusted_certificate(url, host, exc, trusted)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        failure = _network_failure(url, where, stage, exc, timeout)
+    finally:
+        for opened in reversed(sockets):
+            opened.close()
+    if failure is None:  # pragma: no cover - every path above returns or sets it
+        raise AssertionError("no answer and no failure")
+    return failure
+
+
+def _content_type(headers: email.message.Message) -> str:
+    return _clean(headers.get_content_type(), limit=64)
 
 
 def _parse_token(answer: _Answer, obtained_at: float, redactor: _Redactor) -> _Token | str:
@@ -2193,10 +1142,6 @@ def _token_error(url: str, answer: _Answer, redactor: _Redactor) -> TokenRequest
     return TokenRequestError(message, status, error)
 
 
-def _content_type(headers: email.message.Message) -> str:
-    return _clean(headers.get_content_type(), limit=64)
-
-
 def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a `Retry-After` header (seconds or HTTP date).
 
@@ -2224,88 +1169,1015 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return exponential * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
 
 
-class _Redactor:
-    """Recognises the client secret in server-provided text, however it was encoded.
+def _judge(url: str, answer: _Answer, redactor: _Redactor, obtained_at: float) -> _Token | _Failure:
+    """The token in a 2xx answer, or the failure any other answer means."""
+    status = answer.status
+    if 200 <= status < 300:
+        parsed = _parse_token(answer, obtained_at, redactor)
+        if isinstance(parsed, str):
+            return _Failure(TokenRequestError(parsed, status), reached=True, retry=False)
+        return parsed
+    error = _token_error(url, answer, redactor)
+    if status != 429 and status < 500:
+        return _Failure(error, reached=True, retry=False)
+    retry_after = _retry_after(answer.headers.get("Retry-After"))
+    if retry_after is not None and retry_after > _RETRY_AFTER_CAP:
+        return _Failure(error, reached=True, retry=False)
+    return _Failure(error, reached=True, retry=True, retry_after=retry_after)
 
-    A proxy or endpoint may echo the form (the secret URL-encoded, with ``/``
-    kept or not, upper- or lower-case escapes), the Basic header (base64 of the
-    secret or of ``client_id:secret``), or an HTML page (entities), with
-    invisible characters slipped in. Text that shares any run of 8 characters
-    (the whole secret, if shorter) with any of these is not shown; exact copies
-    are masked first, so that a description naming the secret in passing still
-    reads well. The encodings are built inside the methods, never kept.
+
+class _TokenEndpoint:
+    """eDRV's token endpoint for one set of client credentials: the token request.
+
+    Holds what the request needs (the secret masked) and nothing else; the
+    token source calls ``request`` under its locks and within its rate cap.
     """
 
-    __slots__ = ("_client_id", "_secret")
-
-    def __init__(self, client_id: str | None, secret: _Secret | None) -> None:
-        self._client_id = client_id or ""
-        self._secret = secret
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        client_secret: _Secret,
+        audience: str,
+        timeout: float,
+        verify: bool | str | ssl.SSLContext,
+    ) -> None:
+        self.url = url
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.audience = audience
+        self.timeout = timeout
+        self.verify = verify
 
     def __repr__(self) -> str:
-        return "_Redactor('***')"
+        return f"_TokenEndpoint({self.url!r}, client_id={self.client_id!r})"
 
-    def _encodings(self) -> list[str]:
-        import base64
+    def __getstate__(self) -> dict[str, object]:
+        if not isinstance(self.verify, (bool, str)):
+            # An SSLContext does not pickle; say so here rather than with a
+            # TypeError from deep inside multiprocessing.
+            raise EdrvAuthError(
+                "this EdrvAuth cannot be pickled: verify= is an ssl.SSLContext, which cannot "
+                "cross processes; pass verify= the path of a CA bundle instead, or create "
+                "the EdrvAuth in each process"
+            )
+        return self.__dict__.copy()
 
-        if not self._secret:
-            return []
-        quote = urllib.parse.quote
-        variants = [
-            self._secret.value,
-            quote(self._secret.value, safe=""),
-            quote(self._secret.value),
-            urllib.parse.quote_plus(self._secret.value),
-            urllib.parse.quote_plus(self._secret.value, safe="/"),
-        ]
-        for plain in (self._secret.value, f"{self._client_id}:{self._secret.value}"):
-            for encode in (base64.b64encode, base64.urlsafe_b64encode):
-                variants.append(encode(plain.encode()).decode())
-                variants.append(variants[-1].rstrip("="))
-        variants += [v.lower() for v in variants[1:5]]  # lower-case percent escapes
-        return sorted({v for v in variants if v}, key=len, reverse=True)
+    def form(self) -> _Secret:
+        """The client-credentials form, masked: the secret is unwrapped only in this expression."""
+        return _Secret(
+            urllib.parse.urlencode(
+                {
+                    "grant_type": "client_credentials",
+                    "client_id": self.client_id,
+                    "client_secret": self.client_secret.value,
+                    "audience": self.audience,
+                }
+            )
+        )
 
-    def mask(self, text: str) -> str:
-        """``text`` with exact copies of any encoding of the secret replaced by ``***``."""
-        for encoding in self._encodings():
-            text = text.replace(encoding, "***")
-        return text
+    def request(self, attempts: int, sent: list[float]) -> _Token:
+        """Ask the token endpoint for a token, retrying transient failures.
 
-    def echoes(self, text: str) -> bool:
-        """Whether ``text``, decoded every way a server might have encoded it, shares a
-        run of 8 characters with any encoding of the secret."""
-        import html
+        Connection errors, timeouts, 429 and 5xx are retried with exponential
+        backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx,
+        an untrusted certificate and a proxy refusing the tunnel are final. Each
+        attempt ends by ``timeout``, and all of them within `_FETCH_DEADLINE`.
+        ``sent`` receives the time of every attempt that reached the endpoint,
+        for the shared rate cap. Returns the parsed token.
 
-        views = {_fold(text)}
-        for decode in (urllib.parse.unquote, urllib.parse.unquote_plus, html.unescape):
-            decoded = text
-            for _ in range(3):  # double encodings too
-                decoded = decode(decoded)
-                views.add(_fold(decoded))
-        for encoding in self._encodings():
-            folded = _fold(encoding)
-            width = min(8, len(folded))
-            runs = {folded[i : i + width] for i in range(len(folded) - width + 1)}
-            if any(run and run in view for run in runs for view in views):
-                return True
-        return False
+        Nothing here holds the secret, the answer or a token in a plain local,
+        and every error is raised outside an ``except`` block: error reporters
+        collect the locals of each frame of an error and of its chained ones.
+        """
+        redactor = _Redactor(self.client_id, self.client_secret)
+        started = _monotonic()
+        for attempt in range(1, attempts + 1):
+            _log.debug("requesting a token from %s (attempt %d)", self.url, attempt)
+            obtained_at = _now()
+            answer = _post(self.url, self.form(), self.timeout, self.verify)
+            if isinstance(answer, _Answer):
+                sent.append(obtained_at)
+                outcome = _judge(self.url, answer, redactor, obtained_at)
+                if isinstance(outcome, _Token):
+                    return outcome
+            else:
+                outcome = answer
+                if outcome.reached:
+                    sent.append(obtained_at)
+            delay = _backoff(attempt, outcome.retry_after)
+            if (
+                not outcome.retry
+                or attempt == attempts
+                or _monotonic() - started + delay + self.timeout > _FETCH_DEADLINE
+            ):
+                raise outcome.error
+            _log.debug(
+                "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
+            )
+            _sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def clean(self, text: str, limit: int = 200) -> str | None:
-        """``text`` made safe for a message, or ``None`` if it echoes the secret."""
-        shown = _clean(text, self, limit)
-        return None if shown == "***" and text.strip() != "***" else shown
+
+# ---- Shared caches: one small interface, a file and Redis -------------------
 
 
-def _fold(text: str) -> str:
-    """``text`` for comparison: compatibility forms unified, case folded, and every
-    invisible, combining, control or space character removed."""
-    import unicodedata
+if TYPE_CHECKING:  # a typing aid only: no Protocol class to build at import
 
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
+    class _Store(Protocol):
+        """Where processes share the state: the token core talks only to this.
+
+        ``read`` returns the trusted state or ``None``; ``write`` replaces it, but
+        only while it still holds the token ``replacing`` (compare-and-swap, in one
+        step where the lock alone cannot guarantee it); ``locked`` is the
+        cross-process lock for one token request, raising ``EdrvAuthError`` on
+        timeout. Any method raises ``OSError`` when the store cannot be used.
+        """
+
+        label: str
+
+        def read(self) -> _CacheRecord | None: ...
+
+        def write(self, state: _CacheRecord, replacing: _Secret | None) -> None: ...
+
+        def remove(self) -> None: ...
+
+        def locked(self, deadline: float) -> contextlib.AbstractContextManager[None]: ...
 
 
-# ---- Helpers --------------------------------------------------------------
+_O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
+
+
+_O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+
+
+_O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+
+
+_O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
+
+
+class _UnsafeFolder(OSError):
+    """The cache folder is not ours to use; the message says why, naming no secret."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
+
+
+def _key_digest(key: str) -> str:
+    """A name for one credential set that reveals none of its parts."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _untrusted(info: os.stat_result) -> str | None:
+    """Why a cache file must not be trusted, or ``None`` if it may be."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return "owned by another user"
+    if os.name == "posix" and info.st_mode & 0o022:
+        return "writable by group or others"
+    if info.st_size > _MAX_BODY:
+        return "too large"
+    return None
+
+
+def _default_cache_dir() -> Path:
+    """The per-user cache folder, without a dependency (appdirs' rules).
+
+    ========  ===========================================
+    Windows   ``%LOCALAPPDATA%\\edrv_auth``
+    macOS     ``~/Library/Caches/edrv_auth``
+    other     ``$XDG_CACHE_HOME/edrv_auth`` (if absolute), else ``~/.cache/edrv_auth``
+    ========  ===========================================
+    """
+    if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":  # pragma: no cover - CI runs on Linux
+        base = str(Path.home() / "Library" / "Caches")
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = xdg if os.path.isabs(xdg) else str(Path.home() / ".cache")
+    return Path(base) / "edrv_auth"
+
+
+class _FileCache:
+    """The token cache file shared by every process of one user.
+
+    One file per (token_url, audience, client_id), named by a hash so that no
+    identifier shows in the file name, inside a ``0700`` folder. Writes go to a
+    temporary ``0600`` file that atomically replaces the old one. Reads trust
+    only a regular file owned by this user and not writable by others, opened
+    without following symbolic links; anything else is ignored and replaced.
+    """
+
+    def __init__(self, directory: Path, key: str) -> None:
+        name = _key_digest(key)
+        self.directory = directory
+        self.label = str(directory)
+        self.path = directory / f"{name}.json"
+        self.lock_path = directory / f"{name}.lock"
+        self._lock: filelock.BaseFileLock | None = None
+        self._lock_pid = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_lock": None}  # a FileLock does not pickle
+
+    def make_lock(self) -> filelock.BaseFileLock:
+        import filelock
+
+        return filelock.FileLock(self.lock_path, mode=0o600)
+
+    @contextlib.contextmanager
+    def locked(self, deadline: float) -> Iterator[None]:
+        """Hold the lock file beside the cache; a holder that dies releases it."""
+        import filelock
+
+        if self._lock is None or self._lock_pid != os.getpid():
+            # filelock refuses a lock object inherited across fork(): one per process.
+            self._lock, self._lock_pid = self.make_lock(), os.getpid()
+        self.ensure_dir()
+        try:
+            self._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+        except filelock.Timeout as exc:  # a TimeoutError, hence an OSError: convert first
+            raise EdrvAuthError(
+                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
+                f"{self.lock_path} (another process holds it)"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def ensure_dir(self) -> None:
+        """Create the folder ``0700``, or make an existing one of ours private.
+
+        Raises ``OSError`` for a folder that is not ours to use: another user's,
+        or anything but a real folder in its place (a symbolic link included).
+        """
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.check_dir():
+            return
+        # Through a descriptor opened without following links, so that the
+        # folder made private is the one just checked, not one swapped in since.
+        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.getuid():  # pragma: no cover - a race lost
+                raise _UnsafeFolder("the folder is owned by another user")
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+
+    def check_dir(self) -> bool:
+        """Whether the folder (if any) needs making private; ``OSError`` if it is not ours.
+
+        ``lstat``, not ``stat``: a symbolic link in the folder's place would lead
+        our files and lock wherever its owner chose.
+        """
+        try:
+            info = os.lstat(self.directory)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(info.st_mode):
+            raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise _UnsafeFolder("the folder is owned by another user")
+        # Breakpoint: permission bits mean nothing on Windows.
+        return os.name == "posix" and bool(info.st_mode & 0o022)
+
+    def read(self) -> _CacheRecord | None:
+        """Return the cached state, or ``None`` if there is none to trust.
+
+        Raises ``OSError`` when the folder is not ours (see `check_dir`).
+        """
+        self.check_dir()
+        try:
+            # O_NONBLOCK: opening (or reading) a FIFO planted here must not wait for a writer.
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
+            return None
+        try:
+            problem = _untrusted(os.fstat(fd))
+            if problem:
+                _log.debug("ignoring the cache file %s: %s", self.path, problem)
+                return None
+            raw = os.read(fd, _MAX_BODY + 1)
+        except OSError as exc:
+            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
+            return None
+        finally:
+            os.close(fd)
+        state = _parse_record(raw)
+        if state is None:
+            _log.debug("ignoring the cache file %s: not a valid token cache", self.path)
+        return state
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def write(self, state: _CacheRecord, replacing: _Secret | None = None) -> None:
+        """Atomically replace the cache file with ``state``.
+
+        The lock file, which only a live process can hold, already makes the
+        read-compare-write under it atomic, so ``replacing`` needs no check.
+        """
+        self.ensure_dir()
+        temporary = self.directory / f".{self.path.name}.{os.getpid()}.{random.getrandbits(32):08x}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            try:
+                if hasattr(os, "fchmod"):  # Breakpoint: Windows has no fchmod
+                    os.fchmod(fd, 0o600)  # a umask can only remove bits; make it exact
+                os.write(fd, _dump_record(state))  # no local: the state holds the token
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete temporary files that a writer killed mid-write left behind.
+
+        Only ours (by name), only regular files, and only old ones: a fresh one
+        may belong to a writer that is still at work.
+        """
+        for leftover in self.directory.glob(f".{self.path.name}.*"):
+            with contextlib.suppress(OSError):
+                info = leftover.lstat()
+                if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > 60:
+                    leftover.unlink()
+
+
+class _RedisDown(OSError):
+    """Redis could not be used; the message names the Redis error class only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
+
+
+#: Replace the state only if it still holds the token we read (ARGV[1], "" for
+#: none), whatever happened to the lock meanwhile (it may have expired).
+_REDIS_SWAP: Final = """
+local current = redis.call('GET', KEYS[1])
+local held = ''
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and type(doc['token']) == 'table'
+     and type(doc['token']['access_token']) == 'string' then
+    held = doc['token']['access_token']
+  end
+end
+if held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+#: Read the state unless it is larger than ARGV[1] bytes: then only its size.
+_REDIS_READ: Final = """
+local size = redis.call('STRLEN', KEYS[1])
+if size > tonumber(ARGV[1]) then return size end
+return redis.call('GET', KEYS[1])
+"""
+
+
+#: Give a lock that never expires (PTTL -1) the TTL ARGV[1] that ours have.
+_REDIS_EXPIRE_FOREVER: Final = """
+if redis.call('PTTL', KEYS[1]) == -1 then return redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+#: Release the lock only if we still own it.
+_REDIS_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _redis_label(url: _Secret) -> tuple[str, str]:
+    """(what is wrong with a Redis URL or "", a label for it without user or password)."""
+    parts = urllib.parse.urlsplit(url.value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "redis_url must be a redis://, rediss:// or unix:// URL", ""
+    if parts.scheme == "unix":
+        return "", f"unix://{parts.path}"
+    if not parts.hostname:
+        return "redis_url has no host", ""
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return "redis_url has an invalid port", ""
+    return "", f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
+
+
+class _RedisCache:
+    """The shared state in Redis, for processes on many machines.
+
+    The state is stored under a key derived from a hash of (token_url,
+    audience, client_id), with a TTL that ends when it stops being useful, and
+    holds no secret but the token. Single flight across machines is a
+    ``SET NX PX`` lock with a random owner value, released only by its owner
+    and expiring by itself if the holder dies; the write after a token request
+    is a compare-and-swap in a Lua script. Any Redis error makes the store
+    unusable for a while (``OSError``), so the core falls back to the file.
+    """
+
+    def __init__(self, url: _Secret, key: str) -> None:
+        try:
+            import redis  # noqa: F401 - fail at construction, not at the first request
+        except ImportError:
+            raise EdrvAuthError(
+                "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
+            ) from None
+        # The URL may hold a password: it is parsed in a frame that returns
+        # before anything raises, and comes back as a label that shows none.
+        problem, label = _redis_label(url)
+        if problem:
+            raise EdrvAuthError(problem)
+        self.label = label
+        self.key = f"edrv_auth:{_key_digest(key)}"
+        self.lock_key = f"{self.key}:lock"
+        self._url = url
+        self._client: Any = None
+        self._client_pid = 0
+        self._down_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"_RedisCache({self.label!r})"  # the URL may hold a password
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_client": None}
+
+    def _call(self, operation: Callable[[Any], Any]) -> Any:
+        """Run one Redis operation; any Redis failure becomes an OSError."""
+        import redis
+
+        if _redis_clock() < self._down_until:
+            raise _RedisDown("unreachable a moment ago")
+        try:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = redis.Redis.from_url(
+                    self._url.value,  # unwrapped only here, where redis-py takes it
+                    socket_connect_timeout=_REDIS_TIMEOUT,
+                    socket_timeout=_REDIS_TIMEOUT,
+                )
+                self._client_pid = os.getpid()
+            return operation(self._client)
+        except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
+            self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
+            raise _RedisDown(type(exc).__name__) from exc
+
+    def read(self) -> _CacheRecord | None:
+        """The state in Redis, checked as the cache file is (and as large at most)."""
+        raw = self._call(lambda r: r.eval(_REDIS_READ, 1, self.key, _MAX_BODY))
+        if raw is None:
+            return None
+        if isinstance(raw, int):
+            _log.debug("ignoring the Redis cache %s: too large (%d bytes)", self.label, raw)
+            return None
+        state = _parse_record(raw)
+        if state is None:
+            _log.debug("ignoring the Redis cache %s: not a valid token cache", self.label)
+        return state
+
+    def write(self, state: _CacheRecord, replacing: _Secret | None) -> None:
+        now = _now()
+        useful_until = max(state.counted_times(now), default=now) + _TOKEN_REQUEST_WINDOW
+        if state.token is not None:
+            useful_until = max(useful_until, state.token.expires_at)
+        ttl_ms = max(int((useful_until - now) * 1000), 1000)
+        swapped = self._call(
+            lambda r: r.eval(
+                _REDIS_SWAP,
+                1,
+                self.key,
+                replacing.value if replacing else "",
+                _dump_record(state),
+                ttl_ms,
+            )
+        )
+        if not swapped:
+            _log.debug("the Redis cache changed meanwhile; not overwriting it")
+
+    def remove(self) -> None:
+        self._call(lambda r: r.delete(self.key))
+
+    @contextlib.contextmanager
+    def locked(self, deadline: float) -> Iterator[None]:
+        owner = os.urandom(16).hex()
+        ttl_ms = int(_REDIS_LOCK_TTL * 1000)
+        checked = False
+        while not self._call(lambda r: r.set(self.lock_key, owner, nx=True, px=ttl_ms)):
+            if not checked:
+                # A lock without a TTL was not set by this protocol; give it one,
+                # so that it ends like a dead holder's instead of never.
+                self._call(lambda r: r.eval(_REDIS_EXPIRE_FOREVER, 1, self.lock_key, ttl_ms))
+                checked = True
+            if time.monotonic() >= deadline:
+                # A lock that never expires (a holder that set no TTL) must not
+                # stop the fleet: leave Redis alone for a while, use the file.
+                _log.debug("timed out waiting for the token lock in Redis %s", self.label)
+                self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
+                raise _RedisDown("its token lock was held too long")
+            time.sleep(_REDIS_LOCK_POLL)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                self._call(lambda r: r.eval(_REDIS_RELEASE, 1, self.lock_key, owner))
+
+
+def _forget_token(store: _Store, deadline: float) -> None:
+    """Drop the token from one store, keeping the rate cap's record if recent."""
+    if store.read() is None:
+        return  # nothing to forget: create no folder, lock or key
+    with store.locked(deadline):
+        state = store.read()
+        if state is None:
+            return
+        forgotten = state.without_token()
+        if not forgotten.counted_times(_now()):
+            store.remove()
+        else:
+            store.write(forgotten, state.token.access_token if state.token else None)
+
+
+# ---- Token source: memory -> shared cache -> endpoint, single-flight -------
+
+
+class _InFlightFetch:
+    """One token fetch in a worker thread that the tasks of one event loop await."""
+
+    def __init__(
+        self, done: anyio.Event | asyncio.Event, handoff: anyio.Lock | asyncio.Lock
+    ) -> None:
+        self.done = done
+        self.handoff = handoff
+        self.value: _Published | None = None
+        self.error: Exception | None = None
+
+
+class _ProcessState:
+    """What belongs to one process: the thread lock, in-flight fetches, what was seen.
+
+    Locks do not survive pickling, and one held by another thread at fork time
+    would never be released in the child; keeping them here lets pickling drop
+    them and a forked child replace them in one step. (The caches keep their
+    own per-process lock and connection the same way.)
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.fetches: dict[tuple[int, _Secret | None], _InFlightFetch] = {}
+        self.record = _CacheRecord()  # the last record seen; all there is without a cache
+        self.warned: set[str] = set()  # caches already reported unusable
+        self.renewal_failing = False  # a failed renewal was logged at WARNING
+
+
+def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:
+    """Worker-thread runner, event and lock factories for the running async library.
+
+    anyio (always installed with httpx) serves asyncio and trio alike; plain
+    asyncio is the fallback when the file is vendored without it.
+    """
+    try:
+        import anyio
+        import anyio.to_thread
+    except ImportError:  # pragma: no cover - exercised in a subprocess test
+        import asyncio
+
+        return asyncio.to_thread, asyncio.Event, asyncio.Lock
+    return anyio.to_thread.run_sync, anyio.Event, anyio.Lock
+
+
+class _SourceView:
+    """A read-only view of a token source, for ``status`` and the tests.
+
+    ``shared()`` reads the shared caches exactly as the token source does, so
+    what ``status`` reports is what the next request would use.
+    """
+
+    def __init__(self, source: _TokenSource, api_url: str) -> None:
+        self._source = source
+        self.api_url = api_url
+        self.endpoint = source.endpoint
+        self.client_id = source.endpoint.client_id
+        self.token_url = source.endpoint.url
+        self.refresh_margin = source.refresh_margin
+        self.stores = source.stores
+        self.file_cache = source.file_cache
+        #: What the hot path serves now, and until when.
+        self.published = source.published
+        process = source.process_state()
+        #: The last record this process saw (all there is without a usable cache).
+        self.remembered = process.record
+        #: This process's lock around token decisions (tests hold it across a fork).
+        self.thread_lock = process.lock
+
+    def shared(self) -> tuple[str, _CacheRecord | None]:
+        """Where the shared record comes from, and the record (``None``: nothing cached)."""
+        problems: list[str] = []
+        store, record = self._source.read_shared(self._source.process_state(), problems)
+        if store is not None:
+            return store.label, record
+        return "; ".join([*problems, self.stores[0].label]), None
+
+
+class _KeySource:
+    """The token source of API-key mode: the key, always; no request, no cache."""
+
+    renews = False
+
+    def __init__(self, key: _Secret) -> None:
+        self._published = _Published(_Token(key, 0.0, math.inf), math.inf)
+
+    def current(self) -> _Published:
+        return self._published
+
+    def token(self, rejected: _Secret | None) -> _Published:
+        return self._published
+
+    async def atoken(self, rejected: _Secret | None) -> _Published:
+        return self._published
+
+    def clear(self) -> list[str]:
+        return []
+
+
+class _TokenSource:
+    """Where every token comes from: memory, then the shared cache, then eDRV.
+
+    The one place that decides about tokens, for every adapter: it publishes
+    the token the hot path serves, reads and writes the shared caches (Redis,
+    then the file, then memory), makes at most one token request at a time per
+    credential set across threads, processes and machines, and enforces the
+    storm cap. It knows nothing about HTTP clients.
+
+    Thread-safe; safe across fork (the per-process state is replaced in the
+    child); pickles without its per-process state and published token.
+    """
+
+    renews = True
+
+    def __init__(
+        self, endpoint: _TokenEndpoint, stores: tuple[_Store, ...], refresh_margin: float
+    ) -> None:
+        self.endpoint = endpoint
+        self.stores = stores
+        self.file_cache: _FileCache = stores[-1]  # type: ignore[assignment]
+        self.refresh_margin = refresh_margin
+        #: The token the hot path serves, until its ``serve_until``; replaced by
+        #: one assignment, so readers need no lock.
+        self.published: _Published | None = None
+        self._process = _ProcessState()
+
+    def __getstate__(self) -> dict[str, object]:
+        # The child reads the shared cache instead; locks do not pickle.
+        return {**self.__dict__, "published": None, "_process": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._process = _ProcessState()
+
+    def process_state(self) -> _ProcessState:
+        process = self._process
+        if process.pid != os.getpid():
+            # A forked child: a lock that another thread held at fork time would
+            # never be released here, so start from fresh state.
+            process = self._process = _ProcessState()
+        return process
+
+    def current(self) -> _Published | None:
+        """The published token if it is before its ``serve_until``: the hot path.
+
+        One attribute read, one clock read and one comparison; no lock, no file.
+        """
+        published = self.published
+        if published is not None and _now() < published.serve_until:
+            return published
+        return None
+
+    def token(self, rejected: _Secret | None) -> _Published:
+        """A token to send other than ``rejected``: the one blocking decision.
+
+        ``rejected`` is a token the API has just refused. It is replaced only
+        if the cache still holds it (compare-and-swap): a token that another
+        thread or process already put in its place is returned instead. A
+        token request is made only under the cross-process lock and only while
+        the shared rate cap allows it; past the cap, a token that has not yet
+        expired is handed back, even ``rejected`` itself, which tells a
+        retrying caller not to resend.
+        """
+        process = self.process_state()
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        with self._thread_lock(process, deadline):
+            servable = self._servable(self.published, rejected)
+            if servable is not None:
+                return servable
+            # Every write replaces the record whole, so a read without the lock
+            # is safe: a new process with a warm cache never touches the lock.
+            servable = self._adopt(self.read_shared(process)[1] or process.record, rejected)
+            if servable is not None:
+                _log.debug(
+                    "using the token in the shared cache (%.0f s left)",
+                    servable.token.expires_at - _now(),
+                )
+                return servable
+            with self._lock_first_usable_store(process, deadline) as store:
+                # What the locked store itself holds is what a write may replace:
+                # an empty Redis is filled, whatever token the file mirrors.
+                own = None if store is None else self._read(process, store)
+                record = own or process.record
+                servable = self._adopt(record, rejected)
+                if servable is not None:
+                    return servable
+                replacing = own.token if own else None
+                return self._request_within_cap(process, record, rejected, store, replacing)
+
+    async def atoken(self, rejected: _Secret | None) -> _Published:
+        """`token`, without blocking the event loop: the same core, in a worker thread.
+
+        Tasks of one event loop that need a token at the same time share one
+        fetch (keyed by the loop's thread and the rejected token), so a hundred
+        tasks on a cold cache occupy one worker thread and cause one token
+        request. The event loop itself never takes a lock: it reads one attribute.
+        """
+        servable = self._servable(self.published, rejected)
+        if servable is not None:
+            return servable
+        run_sync, make_event, make_lock = _async_backend()
+        fetches = self.process_state().fetches
+        key = (threading.get_ident(), rejected)
+        fetch = fetches.get(key)
+        if fetch is not None:
+            await fetch.done.wait()
+            async with fetch.handoff:
+                pass  # resume the waiters one per loop turn, not all in one long turn
+            if fetch.error is not None:
+                raise fetch.error
+            if fetch.value is not None:
+                return fetch.value
+            return await self.atoken(rejected)  # the leading task was cancelled
+        fetch = fetches[key] = _InFlightFetch(make_event(), make_lock())
+        try:
+            fetch.value = await run_sync(self.token, rejected)
+        except Exception as exc:
+            fetch.error = exc
+            raise
+        finally:
+            del fetches[key]
+            fetch.done.set()
+        return fetch.value
+
+    def clear(self) -> list[str]:
+        """Forget the token in memory and in every shared cache, keeping the cap's record.
+
+        Returns the caches it could not change, each with the reason.
+        """
+        process = self.process_state()
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        failed: list[str] = []
+        with self._thread_lock(process, deadline):  # after any token request in flight
+            self.published = None
+            process.record = process.record.without_token()
+            for store in self.stores:
+                try:
+                    _forget_token(store, deadline)
+                except OSError as exc:
+                    self._warn_unusable(process, store, exc)
+                    failed.append(f"{store.label} ({exc.strerror or type(exc).__name__})")
+        return failed
+
+    def read_shared(
+        self, process: _ProcessState, problems: list[str] | None = None
+    ) -> tuple[_Store | None, _CacheRecord | None]:
+        """The first store that holds a record, and the record; ``(None, None)`` if none does.
+
+        An empty Redis (flushed, restarted) does not hide the record mirrored to
+        the file: a machine reuses its saved token instead of requesting one.
+        """
+        for store in self.stores:
+            record = self._read(process, store, problems)
+            if record is not None:
+                return store, record
+        return None, None
+
+    # -- decisions ---------------------------------------------------------
+
+    def _servable(
+        self, published: _Published | None, rejected: _Secret | None
+    ) -> _Published | None:
+        """``published`` if it may be sent: before its ``serve_until``, and not rejected."""
+        if (
+            published is None
+            or published.access_token == rejected
+            or _now() >= published.serve_until
+        ):
+            return None
+        return published
+
+    def _adopt(self, record: _CacheRecord, rejected: _Secret | None) -> _Published | None:
+        """Publish the record's token for the hot path if it may be sent, and return it.
+
+        After a failed renewal (``renew_after``) it may be sent until then, at
+        most until it expires: every process waits, not just the one that tried.
+        """
+        token = record.token
+        if token is None:
+            return None
+        serve_until = token.refresh_at(self.refresh_margin)
+        if record.renew_after is not None:
+            serve_until = max(serve_until, min(record.renew_after, token.expires_at))
+        servable = self._servable(_Published(token, serve_until), rejected)
+        if servable is not None:
+            self.published = servable  # one assignment: readers need no lock
+        return servable
+
+    def _request_within_cap(
+        self,
+        process: _ProcessState,
+        record: _CacheRecord,
+        rejected: _Secret | None,
+        store: _Store | None,
+        replacing: _Token | None,
+    ) -> _Published:
+        """Request a new token within the shared rate cap; record and save it."""
+        now = _now()
+        counted = record.counted_times(now)
+        if len(counted) >= _MAX_TOKEN_REQUESTS:
+            return self._serve_past_the_cap(record, counted, now, rejected)
+        if rejected is not None:
+            _log.debug("the API rejected the current token; requesting a new one")
+        # A renewal while the token still works: one attempt, no backoff; the
+        # token covers the outage and renewal is simply tried again later.
+        held = (
+            record.token
+            if rejected is None and record.token and now < record.token.expires_at
+            else None
+        )
+        attempts = 1 if held else _MAX_ATTEMPTS
+        sent: list[float] = []
+        token: _Token | None = None
+        kept: _Published | None = None
+        try:
+            token = self.endpoint.request(min(_MAX_TOKEN_REQUESTS - len(counted), attempts), sent)
+        except TokenRequestError as exc:
+            if held is None:
+                raise
+            kept = self._keep_after_failed_renewal(process, held, exc)
+        finally:
+            renew_after = kept.serve_until if kept else None
+            process.record = record.after_request(token, rejected, sent, now, renew_after)
+            if store is not None:
+                self._save(process, store, process.record, replacing)
+        if token is None:
+            if kept is None:  # pragma: no cover - a failure either raised or kept the token
+                raise AssertionError("unreachable")
+            return kept
+        process.renewal_failing = False
+        published = _Published(token, token.refresh_at(self.refresh_margin))
+        if _now() < published.serve_until:  # even one stale at birth is sent once
+            self.published = published
+        return published
+
+    def _keep_after_failed_renewal(
+        self, process: _ProcessState, held: _Token, exc: TokenRequestError
+    ) -> _Published:
+        """Keep sending a token that has not expired; try renewing it again later.
+
+        The retry time goes into the shared record too (``renew_after``), so
+        that other processes wait as well. Logged at WARNING once per outage,
+        at DEBUG after that.
+        """
+        now = _now()
+        kept = _Published(held, min(now + _RENEW_RETRY, held.expires_at))
+        self.published = kept
+        level = logging.DEBUG if process.renewal_failing else logging.WARNING
+        process.renewal_failing = True
+        _log.log(
+            level,
+            "could not renew the token (%s); still using the current one, which expires in "
+            "%.0f s; trying again in %.0f s",
+            exc,
+            held.expires_at - now,
+            kept.serve_until - now,
+        )
+        return kept
+
+    def _serve_past_the_cap(
+        self,
+        record: _CacheRecord,
+        counted: tuple[float, ...],
+        now: float,
+        rejected: _Secret | None,
+    ) -> _Published:
+        """Past the storm cap: a token that has not expired yet, else an error saying when."""
+        allowed_at = counted[0] + _TOKEN_REQUEST_WINDOW
+        for token in (record.token, self.published.token if self.published else None):
+            if token is not None and now < token.expires_at:
+                _log.debug("token request rate cap reached; keeping the current token")
+                if token.access_token == rejected:
+                    return _Published(token, token.refresh_at(self.refresh_margin))
+                # Not rejected, just due: serve it from memory until the cap allows a renewal.
+                kept = self.published = _Published(token, min(allowed_at, token.expires_at))
+                return kept
+        wait = max(allowed_at - now, 0.0)
+        raise TokenRequestError(
+            f"not requesting a token: {len(counted)} token requests for this client id in the "
+            f"last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
+            f"as misuse); the cap is per client id, shared by every process using this cache, "
+            f"and clearing the cache does not lift it: the next request is allowed in "
+            f"{wait:.0f} s"
+        )
+
+    # -- the shared caches ---------------------------------------------------
+
+    def _save(
+        self, process: _ProcessState, store: _Store, record: _CacheRecord, replacing: _Token | None
+    ) -> None:
+        """Write ``record`` to the locked store, and copy it to the stores after it.
+
+        The copy (say, Redis's record into the file) is what a fallback starts
+        from if the first store goes away: the rate cap's record included.
+        """
+        held = replacing.access_token if replacing else None
+        for target in self.stores[self.stores.index(store) :]:
+            try:
+                target.write(record, held if target is store else None)
+            except OSError as exc:
+                self._warn_unusable(process, target, exc)
+
+    def _read(
+        self, process: _ProcessState, store: _Store, problems: list[str] | None = None
+    ) -> _CacheRecord | None:
+        """The record one store holds (remembered in memory), or ``None``."""
+        try:
+            record = store.read()
+        except OSError as exc:
+            self._warn_unusable(process, store, exc)
+            if problems is not None:
+                problems.append(f"{store.label} unusable ({exc.strerror or type(exc).__name__})")
+            return None
+        if record is not None:
+            process.record = record
+        return record
+
+    @contextlib.contextmanager
+    def _thread_lock(self, process: _ProcessState, deadline: float) -> Iterator[None]:
+        if not process.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+            raise EdrvAuthError(
+                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token request"
+            )
+        try:
+            yield
+        finally:
+            process.lock.release()
+
+    @contextlib.contextmanager
+    def _lock_first_usable_store(
+        self, process: _ProcessState, deadline: float
+    ) -> Iterator[_Store | None]:
+        """Lock the first usable shared store and yield it; ``None`` means memory only.
+
+        A store that cannot be used (Redis unreachable, a read-only cache folder
+        in a container) is skipped with one warning, never failing the request.
+        """
+        for store in self.stores:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(store.locked(deadline))
+                except OSError as exc:
+                    self._warn_unusable(process, store, exc)
+                    continue
+                yield store
+                return
+        yield None
+
+    def _warn_unusable(self, process: _ProcessState, store: _Store, exc: OSError) -> None:
+        if store.label in process.warned:
+            return
+        process.warned.add(store.label)
+        later = self.stores[self.stores.index(store) + 1 :]
+        _log.warning(
+            "cannot use the token cache %s (%s); %s",
+            store.label,
+            exc.strerror or type(exc).__name__,
+            f"using {later[0].label} instead" if later else "keeping the token in memory only",
+        )
+
+
+# ---- Configuration: credentials, URLs and trust, checked at construction ----
 
 
 def _env(name: str) -> str | None:
@@ -2324,15 +2196,27 @@ def _setting(value: str, default: str, variable: str) -> str:
     return _env(variable) or default
 
 
+def _env_secret(name: str) -> _Secret | None:
+    """A secret environment variable, masked; empty means unset."""
+    return _Secret(os.environ[name]) if os.environ.get(name) else None
+
+
+def _masked(value: str | None) -> _Secret | None:
+    """An argument's secret, masked (an empty one stays falsy, like an empty variable)."""
+    return None if value is None else _Secret(value)
+
+
 def _credentials(
     client_id: str | None, client_secret: _Secret | None, api_key: _Secret | None
-) -> tuple[str | None, _Secret | None, _Secret | None]:
+) -> tuple[str, _Secret] | _Secret:
     """Decide the mode and its credentials; explicit arguments win.
 
     When any credential is given as an argument, the mode is the one those
     arguments choose and the environment only fills in the other half of a client
     id/secret pair. Otherwise everything comes from the environment. Secrets
     arrive masked and are read from the environment masked: this frame may raise.
+
+    Returns the API key, or the client id and secret.
     """
     if api_key is not None or client_id is not None or client_secret is not None:
         if api_key is None:
@@ -2347,7 +2231,7 @@ def _credentials(
             f"({_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET}), not both"
         )
     if api_key:
-        return None, None, api_key
+        return api_key
     missing = [
         name
         for name, given in (
@@ -2361,9 +2245,9 @@ def _credentials(
             f"no eDRV credentials: set {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} "
             f"(or {_ENV_API_KEY}), or pass them to EdrvAuth()"
         )
-    if missing:
+    if missing or client_id is None or client_secret is None:
         raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
-    return client_id, client_secret, None
+    return client_id, client_secret
 
 
 def _require_filelock() -> None:
@@ -2387,14 +2271,29 @@ def _require_filelock() -> None:
         )
 
 
-def _env_secret(name: str) -> _Secret | None:
-    """A secret environment variable, masked; empty means unset."""
-    return _Secret(os.environ[name]) if os.environ.get(name) else None
+def _has_userinfo(url: str) -> bool:
+    """Whether a URL names a user or password (``https://user:pw@host``)."""
+    try:
+        return "@" in urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return "@" in url
 
 
-def _masked(value: str | None) -> _Secret | None:
-    """An argument's secret, masked (an empty one stays falsy, like an empty variable)."""
-    return None if value is None else _Secret(value)
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, with the default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an http(s) URL")
+    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
+
+
+def _safe_port(parts: urllib.parse.SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 def _checked_url(name: str, url: str) -> str:
@@ -2414,14 +2313,6 @@ def _checked_url(name: str, url: str) -> str:
             f"{name} must use https (http is allowed only on a loopback host): {url!r}"
         )
     return url
-
-
-def _has_userinfo(url: str) -> bool:
-    """Whether a URL names a user or password (``https://user:pw@host``)."""
-    try:
-        return "@" in urllib.parse.urlsplit(url).netloc
-    except ValueError:
-        return "@" in url
 
 
 def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
@@ -2456,35 +2347,101 @@ def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
     )
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an http(s) URL, with the default port filled in."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if scheme not in _DEFAULT_PORTS or not host:
-        raise ValueError("not an http(s) URL")
-    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
+# ---- Adapters' helpers: the origin guard, the one 401 policy, bodies -------
 
 
-def _safe_port(parts: urllib.parse.SplitResult) -> int | None:
-    try:
-        return parts.port
-    except ValueError:
-        return None
+class _ApiOrigin:
+    """The API's origin (scheme, host, port): the only one that receives the token.
 
-
-def _tell(body: object) -> int | None:
-    """Where to rewind a file-like requests body for a replay, or ``None`` if it cannot be.
-
-    A generator or a non-seekable stream has no position: it cannot be replayed.
+    ``matches`` is the one origin comparison; a prefix test serves the usual
+    spelling without parsing, and other spellings of the same origin (an
+    explicit default port, say) are parsed.
     """
+
+    def __init__(self, api_url: str) -> None:
+        self.url = api_url
+        self.origin = _origin(api_url)
+        scheme, host, port = self.origin
+        if scheme == "http" and port == 80:
+            # requests and httpx both keep Authorization on a redirect from
+            # http://host to https://host (an "upgrade"): another origin here.
+            raise EdrvAuthError("an http:// api_url needs a port other than 80")
+        netloc = f"[{host}]" if ":" in host else host
+        if port != _DEFAULT_PORTS[scheme]:
+            netloc += f":{port}"
+        self._prefix = f"{scheme}://{netloc}/"
+
+    def matches(self, url: str | httpx.URL) -> bool:
+        """Whether ``url`` (a string, or an ``httpx.URL``) is on the API's origin."""
+        if isinstance(url, str):
+            if url.startswith(self._prefix):
+                return True
+            try:
+                return _origin(url) == self.origin
+            except ValueError:
+                return False
+        scheme = url.scheme
+        return (scheme, url.host, url.port or _DEFAULT_PORTS.get(scheme)) == self.origin
+
+    def check(self, url: str | httpx.URL) -> None:
+        """Raise `EdrvAuthError`, before anything is sent, for a URL on another origin."""
+        if self.matches(url):
+            return
+        parts = urllib.parse.urlsplit(str(url))
+        shown = f"{parts.scheme}://{parts.hostname or ''}" + (
+            f":{parts.port}" if _safe_port(parts) else ""
+        )
+        raise EdrvAuthError(
+            f"refusing to send the eDRV token to {shown}: only {self.url} may receive it "
+            f"(set api_url or {_ENV_API_URL} to change the API's address)"
+        )
+
+
+def _retry_with_new_token(
+    status: int,
+    answered_url: str | httpx.URL,
+    header_sent: str | None,
+    our_header: str,
+    replayable: bool,
+    origin: _ApiOrigin,
+) -> bool:
+    """The one 401 policy: whether a response earns one resend with a new token.
+
+    Only a ``401``, to a request on the API's origin that still carried our
+    header, with a body that can be sent again. Both libraries hand the hook
+    or flow the response that ends a redirect chain: a detour through another
+    origin strips our header (a new token would not help), and a response from
+    another origin is none of our business. A ``403`` means the token is valid
+    but not allowed, which a new token would not change.
+    """
+    return (
+        status == 401 and replayable and header_sent == our_header and origin.matches(answered_url)
+    )
+
+
+def _replay_position(body: object) -> tuple[bool, int | None]:
+    """Whether requests can send ``body`` again, and where to rewind it to.
+
+    Bodies in memory replay as they are; a seekable file replays from the
+    position it had; a generator or a non-seekable stream cannot be replayed.
+    """
+    if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
+        return True, None
     if not hasattr(body, "seek") or not hasattr(body, "tell"):
-        return None
+        return False, None
     try:
         position = body.tell()
     except (OSError, ValueError):
-        return None
-    return position if isinstance(position, int) else None
+        return False, None
+    return (True, position) if isinstance(position, int) else (False, None)
+
+
+def _seekable(file: object) -> bool:
+    seekable = getattr(file, "seekable", None)
+    try:
+        return bool(seekable()) if callable(seekable) else False
+    except (OSError, ValueError):
+        return False
 
 
 def _replayable_httpx_stream(stream: object) -> bool:
@@ -2508,21 +2465,6 @@ def _replayable_httpx_stream(stream: object) -> bool:
     return all(isinstance(f, (bytes, str)) or _seekable(f) for f in files)
 
 
-def _seekable(file: object) -> bool:
-    seekable = getattr(file, "seekable", None)
-    try:
-        return bool(seekable()) if callable(seekable) else False
-    except (OSError, ValueError):
-        return False
-
-
-def _bearer_token(header: str | None) -> _Secret | None:
-    """The token in a ``Bearer`` header, masked for the frames that may raise next."""
-    if header is None or not header.startswith("Bearer "):
-        return None
-    return _Secret(header.removeprefix("Bearer "))
-
-
 def _pass_response(r: requests.Response, **kwargs: Any) -> requests.Response:
     """A disarmed retry hook."""
     return r
@@ -2537,72 +2479,305 @@ def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Respons
     prepared.prepare_cookies(jar)
 
 
-def _is_number(value: object) -> bool:
-    """A finite int or float (not a bool): what JSON numbers must be to be used."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float, e.g. 10**400 in a JSON file
-        return False
+# ---- EdrvAuth: configuration, the three adapters ---------------------------
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    """Parse a JSON object from untrusted bytes; ``None`` for anything else.
+class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
+    """Bearer authentication for the eDRV API, for requests and httpx.
 
-    Deeply nested input raises RecursionError rather than ValueError.
+    Pass one instance as ``auth=`` to ``requests``, ``httpx.Client`` or
+    ``httpx.AsyncClient``; it adds ``Authorization: Bearer ...`` to every
+    request for the eDRV API and refuses to send it anywhere else::
+
+        auth = EdrvAuth(api_key="...")          # or $EDRV_API_KEY
+        auth = EdrvAuth()                       # or $EDRV_CLIENT_ID / $EDRV_CLIENT_SECRET
+        requests.get("https://api.edrv.io/v1.1/chargestations", auth=auth)
+
+    With an API key, the key is the bearer token: nothing else happens. With
+    client credentials, the access token is requested when first needed,
+    saved in a private per-user cache file that every process on the machine
+    shares (or in Redis, for many machines), replaced shortly before it
+    expires, and renewed once, transparently, when the API answers ``401``.
+    Any number of threads and processes starting together make one token
+    request, and never more than 5 a minute per client id.
+
+    One instance may serve any number of threads, event loops (asyncio or
+    trio) and processes: it pickles, and keeps working in a forked child.
+
+    Args:
+        client_id: The eDRV client id. Default: ``$EDRV_CLIENT_ID``.
+        client_secret: The eDRV client secret. Default: ``$EDRV_CLIENT_SECRET``.
+        api_key: An eDRV API key, instead of client credentials.
+            Default: ``$EDRV_API_KEY``.
+        token_url: The token endpoint. Default: ``$EDRV_TOKEN_URL``, else
+            ``https://auth.edrv.io/oauth/token``.
+        audience: The ``audience`` of the token request. Default:
+            ``$EDRV_AUDIENCE``, else ``https://api.edrv.io``.
+        api_url: The only origin (scheme, host, port) that ever receives the
+            token. Default: ``$EDRV_API_URL``, else ``https://api.edrv.io``.
+        cache_dir: The folder of the shared token file. Default:
+            ``$EDRV_AUTH_CACHE_DIR``, else the user's cache folder
+            (``~/.cache/edrv_auth`` on Linux).
+        refresh_margin: Seconds before expiry at which a token is replaced.
+        timeout: Seconds for one token request attempt, its whole answer
+            included (at most 25).
+        redis_url: Share the token across machines through Redis
+            (``pip install 'edrv-auth[redis]'``). Default:
+            ``$EDRV_AUTH_REDIS_URL``.
+        verify: What the token request trusts. ``True`` (the default) trusts
+            what requests and httpx trust in the same environment: the CA
+            bundles named by ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+            ``SSL_CERT_FILE`` or ``SSL_CERT_DIR``, else certifi's bundle, else
+            the system's store. A CA bundle file or folder, or an
+            ``ssl.SSLContext``, is used as given. ``False`` is refused: the
+            request carries the client secret.
+
+    The token request goes through the proxy that ``HTTPS_PROXY`` or
+    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as requests and
+    httpx do, and each attempt ends by ``timeout``.
+
+    An argument you pass wins over its environment variable; an empty
+    variable counts as unset. Creating the object sends nothing and writes
+    nothing.
+
+    Raises:
+        EdrvAuthError: At construction, for missing or conflicting credentials
+            (give either an API key or a client id and secret), or a URL that
+            is not ``https://`` (``http://`` only on a loopback host) or holds
+            a user name or password. At request time, for a request to another
+            origin than ``api_url``. ``get_token`` raises the subclass
+            ``TokenRequestError`` when eDRV gives no token.
+
+    Note:
+        An instance given ``verify=`` an ``ssl.SSLContext`` does not pickle
+        (pickling raises ``EdrvAuthError``): a context cannot cross processes.
+        Pass the path of a CA bundle instead where instances are sent to other
+        processes.
     """
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+
+    # Maintainers: configuration is checked here and handed to a token source
+    # (_TokenSource, or _KeySource for an API key), which makes every token
+    # decision. The three adapters (__call__ and _retry_on_401 for requests,
+    # sync_auth_flow and async_auth_flow for httpx) only set the header, ask
+    # the one 401 policy (_retry_with_new_token), and hand a rejected token
+    # back to the source.
+
+    def __init__(
+        self,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        *,
+        api_key: str | None = None,
+        token_url: str = _DEFAULT_TOKEN_URL,
+        audience: str = _DEFAULT_AUDIENCE,
+        api_url: str = _DEFAULT_API_URL,
+        cache_dir: str | os.PathLike[str] | None = None,
+        refresh_margin: float = 300.0,
+        timeout: float = 10.0,
+        redis_url: str | None = None,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
+    ) -> None:
+        """Check the configuration; nothing is sent or written until a token is needed."""
+        # Only masked secrets from here on: this frame may raise.
+        secret, key = _masked(client_secret), _masked(api_key)
+        redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
+        del client_secret, api_key, redis_url
+        credentials = _credentials(client_id, secret, key)
+        if not isinstance(credentials, _Secret):
+            _require_filelock()  # now, not deep inside the first token request
+        # The signature's defaults are the real URLs, so an argument left at its
+        # default is "not given" and its environment variable applies.
+        token_url = _checked_url(
+            "token_url", _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
+        )
+        audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
+        if _has_userinfo(audience):
+            raise EdrvAuthError("audience must not contain a user name or password")
+        api_url = _checked_url("api_url", _setting(api_url, _DEFAULT_API_URL, _ENV_API_URL))
+        self._origin = _ApiOrigin(api_url)
+        if not _is_number(refresh_margin) or refresh_margin < 0:
+            raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
+        if not _is_number(timeout) or not 0 < timeout <= _FETCH_DEADLINE:
+            # Longer, and other processes would give up waiting for the lock first.
+            raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
+        verify = _checked_verify(verify)
+        self._source: _TokenSource | _KeySource
+        if isinstance(credentials, _Secret):
+            self._source = _KeySource(credentials)
+            return
+        client_id, secret = credentials
+        endpoint = _TokenEndpoint(token_url, client_id, secret, audience, float(timeout), verify)
+        directory = cache_dir or _env(_ENV_CACHE_DIR)
+        cache_key = f"{token_url}\n{audience}\n{client_id}"
+        stores: tuple[_Store, ...] = (
+            _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key),
+        )
+        if redis:  # shared by every machine; the file still serves when it is down
+            stores = (_RedisCache(redis, cache_key), *stores)
+        self._source = _TokenSource(endpoint, stores, float(refresh_margin))
+
+    def __repr__(self) -> str:
+        view = self._describe()
+        if view is None:
+            return f"EdrvAuth(api_key='***', api_url={self._origin.url!r})"
+        shared = ", ".join(repr(store.label) for store in view.stores)
+        return (
+            f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, "
+            f"cache=[{shared}])"
+        )
+
+    def get_token(self) -> str:
+        """Return a valid access token (or the API key in API-key mode).
+
+        The token comes from memory when fresh, else from the shared cache,
+        else from one token request made on behalf of every process sharing
+        the cache. Use it for clients other than requests and httpx.
+
+        Raises:
+            TokenRequestError: No token could be obtained.
+            EdrvAuthError: The cache lock could not be taken in time.
+        """
+        return (self._source.current() or self._source.token(None)).access_token.value
+
+    async def aget_token(self) -> str:
+        """Like :meth:`get_token`, without blocking the event loop.
+
+        Works under asyncio and trio. Concurrent tasks of one event loop share one
+        worker-thread job, hence one token request.
+        """
+        return (self._source.current() or await self._source.atoken(None)).access_token.value
+
+    def clear(self) -> None:
+        """Forget the cached token, in memory and in the shared cache.
+
+        The record of recent token requests stays, so clearing in a loop cannot
+        be used to bypass the token-request rate cap. A cache that cannot be
+        changed (Redis down, a folder that is not ours) is logged as a warning.
+        """
+        self._source.clear()
+
+    def _describe(self) -> _SourceView | None:
+        """A read-only view of the token source (``None`` in API-key mode)."""
+        if isinstance(self._source, _KeySource):
+            return None
+        return _SourceView(self._source, self._origin.url)
+
+    # -- requests ------------------------------------------------------------
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Authenticate a requests ``PreparedRequest``, re-sending it once on a 401.
+
+        Note:
+            A body that cannot be replayed (a generator, a non-seekable stream)
+            is never sent twice: on a 401 the caller receives the 401.
+        """
+        self._origin.check(r.url or "")
+        sent = self._source.current() or self._source.token(None)
+        r.headers["Authorization"] = sent.header
+        if self._source.renews:
+            hook = functools.partial(self._retry_on_401, sent, *_replay_position(r.body))
+            r.hooks["response"].append(hook)
+        return r
+
+    def _retry_on_401(
+        self,
+        sent: _Published,
+        replayable: bool,
+        rewind_to: int | None,
+        r: requests.Response,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """The requests response hook: re-send a request once on a 401.
+
+        It follows HTTPDigestAuth: rewind the body, drain and release the
+        connection, re-send a copy over the same adapter, and keep the 401 in
+        the new response's history. requests also runs this hook for responses
+        to redirected copies of the request; all copies share one hook list,
+        and the hook disarms itself there on its first retry, so there is
+        never a second one.
+        """
+        request = r.request
+        if not _retry_with_new_token(
+            r.status_code,
+            request.url or "",
+            request.headers.get("Authorization"),
+            sent.header,
+            replayable,
+            self._origin,
+        ):
+            return r
+        try:
+            fresh = self._source.token(sent.access_token)
+        except BaseException:
+            r.close()
+            raise
+        if fresh.access_token == sent.access_token:
+            return r  # the rate cap kept this token: a resend would fail alike
+        hooks = request.hooks["response"]
+        for index, hook in enumerate(hooks):  # in place: requests may be iterating over it
+            if getattr(hook, "func", None) == self._retry_on_401:
+                hooks[index] = _pass_response
+        body: object = request.body
+        if rewind_to is not None and hasattr(body, "seek"):  # a 302/303 drops the body
+            body.seek(rewind_to)
+        r.content  # noqa: B018 - reading the body frees the connection
+        r.close()
+        # The fresh token also goes on `request` itself: requests builds any
+        # redirect that follows from it.
+        request.headers["Authorization"] = fresh.header
+        prepared = request.copy()
+        _copy_cookies(prepared, r)
+        second: requests.Response = r.connection.send(prepared, **kwargs)
+        second.history.append(r)
+        second.request = prepared
+        return second
+
+    # -- httpx ---------------------------------------------------------------
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Authenticate an ``httpx.Client`` request, re-sending it once on a 401."""
+        self._origin.check(request.url)
+        sent = self._source.current() or self._source.token(None)
+        request.headers["Authorization"] = sent.header
+        response = yield request
+        if self._retry_httpx(request, response, sent):
+            fresh = self._source.token(sent.access_token)
+            if fresh.access_token != sent.access_token:
+                request.headers["Authorization"] = fresh.header
+                yield request
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Authenticate an ``httpx.AsyncClient`` request without blocking the loop."""
+        self._origin.check(request.url)
+        sent = self._source.current() or await self._source.atoken(None)
+        request.headers["Authorization"] = sent.header
+        response = yield request
+        if self._retry_httpx(request, response, sent):
+            fresh = await self._source.atoken(sent.access_token)
+            if fresh.access_token != sent.access_token:
+                request.headers["Authorization"] = fresh.header
+                yield request
+
+    def _retry_httpx(
+        self, request: httpx.Request, response: httpx.Response, sent: _Published
+    ) -> bool:
+        """The 401 policy for an httpx response: what it answered, what it carried."""
+        answered = response.request
+        return _retry_with_new_token(
+            response.status_code,
+            answered.url,
+            answered.headers.get("Authorization"),
+            sent.header,
+            self._source.renews and _replayable_httpx_stream(request.stream),
+            self._origin,
+        )
 
 
-def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
-    """Make server-provided text safe for a message: no secrets, no control chars.
-
-    Control characters go first, so that replacing them cannot rebuild a
-    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
-    is shown as ``***`` only.
-    """
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    if secrets is not None:
-        text = secrets.mask(text)
-        if secrets.echoes(text):
-            return "***"
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, safe description of a network error (never its arguments)."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host ({_clean(str(exc.strerror or 'name lookup failed'))})"
-    reason = getattr(exc, "reason", None)  # ssl.SSLError: OpenSSL's reason code
-    text = getattr(exc, "strerror", None) or (reason if isinstance(reason, str) else None)
-    name = type(exc).__name__
-    return _clean(f"{name}: {text}" if text else name, limit=120)
-
-
-def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:
-    """Worker-thread runner, event and lock factories for the running async library.
-
-    anyio (always installed with httpx) serves asyncio and trio alike; plain
-    asyncio is the fallback when the file is vendored without it.
-    """
-    try:
-        import anyio
-        import anyio.to_thread
-    except ImportError:  # pragma: no cover - exercised in a subprocess test
-        import asyncio
-
-        return asyncio.to_thread, asyncio.Event, asyncio.Lock
-    return anyio.to_thread.run_sync, anyio.Event, anyio.Lock
-
-
-# ---- Command line ---------------------------------------------------------
+# ---- Command line -----------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2658,14 +2833,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             print(auth.get_token())
         elif args.command == "clear":
-            failed = auth._clear()
+            failed = auth._source.clear()
             if failed:
                 print(
                     f"edrv_auth: could not clear the cached token in {', '.join(failed)}",
                     file=sys.stderr,
                 )
                 return 1
-            print("cleared the cached token" if auth._api_key is None else "API key mode: no cache")
+            cleared = auth._source.renews
+            print("cleared the cached token" if cleared else "API key mode: no cache")
         else:
             print(_status(auth))
     except EdrvAuthError as exc:
@@ -2682,40 +2858,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(auth: EdrvAuth) -> str:
-    """What ``status`` prints: facts about the cache, never the token."""
-    if auth._api_key is not None:
-        return f"mode: API key (no token request, no cache)\napi url: {auth._api_url}"
+    """What ``status`` prints: facts about the cache, never the token.
+
+    It reads the shared caches through the token source's own view, so it
+    reports exactly what the next request would use.
+    """
+    view = auth._describe()
+    if view is None:
+        return f"mode: API key (no token request, no cache)\napi url: {auth._origin.url}"
     now = _now()
-    state, where = None, auth._cache.label
-    for store in auth._stores:  # Redis first when configured, as the core reads
-        try:
-            state, where = store.read(), store.label
-            break
-        except OSError as exc:
-            where = f"{store.label} unusable ({exc.strerror or type(exc).__name__})"
+    where, record = view.shared()
     lines = [
-        f"cache: {where}" + ("" if state else " (nothing usable cached)"),
-        f"cache file: {auth._cache.path}",
-        f"client id: {auth._client_id}",
-        f"token url: {auth._token_url}",
+        f"cache: {where}" + ("" if record else " (nothing usable cached)"),
+        f"cache file: {view.file_cache.path}",
+        f"client id: {view.client_id}",
+        f"token url: {view.token_url}",
     ]
-    token = state.token if state else None
+    token = record.token if record else None
     if token is None:
         lines.append("token: none cached")
     else:
         obtained = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(token.obtained_at))
         remaining = token.expires_at - now
-        refresh_in = token.refresh_at(auth._refresh_margin) - now
+        refresh_in = token.refresh_at(view.refresh_margin) - now
         lines += [
             f"obtained: {obtained} ({now - token.obtained_at:.0f} s ago)",
             f"expires in: {remaining:.0f} s" if remaining > 0 else "expires in: expired",
-            f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {auth._refresh_margin:g} s)",
+            f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {view.refresh_margin:g} s)",
             f"scope: {token.scope or '(none)'}",
         ]
-    recent = state.window(now) if state else ()
+    recent = record.counted_times(now) if record else ()
     lines.append(
         f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
-        f"(at most {_MAX_TOKEN_REQUESTS})"
+        f"(at most {_MAX_TOKEN_REQUESTS} per client id)"
     )
     return "\n".join(lines)
 

@@ -127,8 +127,8 @@ def herd(args: argparse.Namespace) -> dict[str, Any]:
 def hold_lock(args: argparse.Namespace) -> dict[str, Any]:
     """Take the token cache lock, say so, and keep it until killed."""
     auth = edrv_auth.EdrvAuth()
-    auth._cache.ensure_dir()
-    lock = auth._cache.make_lock()
+    auth._describe().file_cache.ensure_dir()
+    lock = auth._describe().file_cache.make_lock()
     lock.acquire()
     Path(args.ready).touch()
     while True:

@@ -192,7 +192,7 @@ def test_fifo_in_place_of_the_cache_file_never_hangs(
     fake_env: FakeEdrv, clean_env: Path, leak_watch: LeakWatch
 ) -> None:
     """A FIFO where the cache file belongs blocks none of `status`, `clear` and `token`."""
-    path = edrv_auth.EdrvAuth()._cache.path
+    path = edrv_auth.EdrvAuth()._describe().file_cache.path
     clean_env.mkdir(mode=0o700)
     os.mkfifo(path, 0o600)
     for command in ("status", "clear", "token"):

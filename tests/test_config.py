@@ -42,10 +42,11 @@ def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     auth = EdrvAuth()
-    assert (auth._client_id, auth._client_secret, auth._api_key) == (
+    view = auth._describe()
+    assert view is not None  # client-credentials mode
+    assert (view.endpoint.client_id, view.endpoint.client_secret) == (
         CLIENT_ID,
         edrv_auth._Secret(CLIENT_SECRET),
-        None,
     )
 
 
@@ -53,7 +54,7 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """With only EDRV_API_KEY set, the object is in API-key mode."""
     monkeypatch.setenv("EDRV_API_KEY", API_KEY)
     auth = EdrvAuth()
-    assert auth._api_key == edrv_auth._Secret(API_KEY)
+    assert auth._describe() is None  # API-key mode
     assert auth.get_token() == API_KEY
 
 
@@ -62,7 +63,9 @@ def test_explicit_argument_wins_over_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("EDRV_CLIENT_ID", "test-env-client-id")
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     auth = EdrvAuth("test-arg-client-id")
-    assert (auth._client_id, auth._client_secret) == (
+    view = auth._describe()
+    assert view is not None
+    assert (view.endpoint.client_id, view.endpoint.client_secret) == (
         "test-arg-client-id",
         edrv_auth._Secret(CLIENT_SECRET),
     )
@@ -75,7 +78,7 @@ def test_explicit_api_key_ignores_client_credentials_in_environment(
     monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     auth = EdrvAuth(api_key=API_KEY)
-    assert (auth._api_key, auth._client_id) == (edrv_auth._Secret(API_KEY), None)
+    assert (auth._describe(), auth.get_token()) == (None, API_KEY)
 
 
 def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,19 +87,27 @@ def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("EDRV_API_URL", "http://127.0.0.1:2")
     monkeypatch.setenv("EDRV_AUDIENCE", "https://audience.example")
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert (auth._token_url, auth._api_url, auth._audience) == (
+    assert (
+        auth._describe().token_url,
+        auth._describe().api_url,
+        auth._describe().endpoint.audience,
+    ) == (
         "http://127.0.0.1:1/oauth/token",
         "http://127.0.0.1:2",
         "https://audience.example",
     )
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, api_url="http://localhost:3")
-    assert auth._api_url == "http://localhost:3"
+    assert auth._describe().api_url == "http://localhost:3"
 
 
 def test_defaults_are_edrv() -> None:
     """Without configuration the real eDRV endpoints are used."""
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert (auth._token_url, auth._api_url, auth._audience) == (
+    assert (
+        auth._describe().token_url,
+        auth._describe().api_url,
+        auth._describe().endpoint.audience,
+    ) == (
         "https://auth.edrv.io/oauth/token",
         "https://api.edrv.io",
         "https://api.edrv.io",
@@ -107,17 +118,20 @@ def test_cache_dir_argument_then_environment_then_user_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """cache_dir wins, then EDRV_AUTH_CACHE_DIR, then $XDG_CACHE_HOME/edrv_auth."""
-    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET, cache_dir=tmp_path / "a")._cache.directory == (
-        tmp_path / "a"
-    )
+    assert EdrvAuth(
+        CLIENT_ID, CLIENT_SECRET, cache_dir=tmp_path / "a"
+    )._describe().file_cache.directory == (tmp_path / "a")
     monkeypatch.setenv("EDRV_AUTH_CACHE_DIR", str(tmp_path / "b"))
-    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == tmp_path / "b"
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._describe().file_cache.directory == tmp_path / "b"
     monkeypatch.delenv("EDRV_AUTH_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == tmp_path / "xdg" / "edrv_auth"
+    assert (
+        EdrvAuth(CLIENT_ID, CLIENT_SECRET)._describe().file_cache.directory
+        == tmp_path / "xdg" / "edrv_auth"
+    )
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._cache.directory == (
+    assert EdrvAuth(CLIENT_ID, CLIENT_SECRET)._describe().file_cache.directory == (
         tmp_path / "home" / ".cache" / "edrv_auth"
     )
 
@@ -212,7 +226,7 @@ def test_token_values_hide_the_token() -> None:
     """The internal token value never shows the token in its repr."""
     token = edrv_auth._Token(edrv_auth._Secret("test-token-value"), 0.0, 10.0, "read:x")
     assert "test-token-value" not in repr(token)
-    fresh = edrv_auth._Fresh(token, 5.0)
+    fresh = edrv_auth._Published(token, 5.0)
     assert "test-token-value" not in repr(fresh)
     assert "test-token-value" not in f"{token.access_token} {token.access_token!r}"
 
@@ -234,11 +248,11 @@ def test_errors_pickle_with_their_attributes() -> None:
 def test_auth_pickles_without_runtime_state(clean_env: Path) -> None:
     """EdrvAuth pickles (locks dropped) and the copy is a working, independent object."""
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, cache_dir=clean_env)
-    auth._rt()  # create the runtime with its locks
+    lock = auth._describe().thread_lock  # the process state, with its locks, exists
     copy = pickle.loads(pickle.dumps(auth))
-    assert copy._runtime is not auth._runtime
-    assert copy._cache.path == auth._cache.path
-    assert copy._current is None
+    assert copy._describe().thread_lock is not lock
+    assert copy._describe().file_cache.path == auth._describe().file_cache.path
+    assert copy._describe().published is None
 
 
 def test_redis_url_without_the_redis_package_says_how_to_install_it(
@@ -260,7 +274,7 @@ def test_redis_url_from_environment_and_its_password_stays_hidden(
     monkeypatch.setenv("EDRV_AUTH_REDIS_URL", f"redis://user:{password}@127.0.0.1:6390/2")
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
     assert "redis://127.0.0.1:6390/2" in repr(auth)
-    assert leak_watch.leaks(repr(auth), repr(auth._stores)) == []
+    assert leak_watch.leaks(repr(auth), repr(auth._describe().stores)) == []
 
 
 def test_redis_url_must_be_a_redis_url() -> None:

@@ -92,7 +92,7 @@ def test_retried_attempts_of_a_renewal_count_except_the_successful_one(
     clock.advance(86400)
     fake.queue_token_response(503, "busy")
     auth.get_token()  # a renewal, after one failed attempt
-    state = auth._cache.read()
+    state = auth._describe().file_cache.read()
     assert state is not None
     assert fake.token_requests == 3
     # The first request left the window a day ago; the failed attempt is counted.
@@ -105,7 +105,7 @@ def test_first_token_counts_towards_the_cap(fake: FakeEdrv, make_auth: MakeAuth)
     """A fetch into an empty cache is counted, a renewal of an expired token is not."""
     auth = make_auth()
     auth.get_token()
-    state = auth._cache.read()
+    state = auth._describe().file_cache.read()
     assert state is not None
     assert (len(state.requests), state.renewed_at) == (1, None)
 
@@ -124,7 +124,7 @@ def test_clear_keeps_the_cap_record(fake: FakeEdrv, make_auth: MakeAuth, clock: 
             auth.clear()
     assert fake.token_requests == 5
     assert refused == 7
-    data = json.loads(auth._cache.path.read_bytes())
+    data = json.loads(auth._describe().file_cache.path.read_bytes())
     assert data["token"] is None
     assert len(data["token_requests"]) + (data["renewed_at"] is not None) == 5
 
@@ -144,7 +144,7 @@ def test_cap_is_shared_through_the_cache_file(
 
 def test_state_record_is_bounded(fake: FakeEdrv, make_auth: MakeAuth, clock: Clock) -> None:
     """The cache file never grows: it keeps at most the last few request times."""
-    state = edrv_auth._State()
+    state = edrv_auth._CacheRecord()
     for i in range(100):
         state = state.after_request(None, None, [clock.now + i], clock.now + i)
     assert len(state.requests) == edrv_auth._MAX_TOKEN_REQUESTS
@@ -256,11 +256,13 @@ def test_a_due_token_past_the_cap_is_served_from_memory_until_the_cap_allows(
     token = fake.issue_token()
     now = clock.now
     due = edrv_auth._Token(edrv_auth._Secret(token), now - 3500, now + 100)  # refresh_at passed
-    auth._cache.write(edrv_auth._State(due, (now - 50,) * 5))
+    auth._describe().file_cache.write(edrv_auth._CacheRecord(due, (now - 50,) * 5))
     locked = []
-    real_locked = auth._cache.locked
+    real_locked = auth._describe().file_cache.locked
     monkeypatch.setattr(
-        auth._cache, "locked", lambda deadline: locked.append(1) or real_locked(deadline)
+        auth._describe().file_cache,
+        "locked",
+        lambda deadline: locked.append(1) or real_locked(deadline),
     )
     assert [auth.get_token() for _ in range(10)] == [token] * 10
     assert (fake.token_requests, len(locked)) == (0, 1)

@@ -153,8 +153,8 @@ def test_clear_during_a_token_request_leaves_memory_and_disk_agreeing(
         time.sleep(0.01)
     auth.clear()
     fetcher.join()
-    state = auth._cache.read()
-    assert auth._current is None
+    state = auth._describe().file_cache.read()
+    assert auth._describe().published is None
     assert state is None or state.token is None
 
 
@@ -175,8 +175,8 @@ def test_explicit_default_url_wins_over_the_environment(monkeypatch: pytest.Monk
     """Passing the default URL explicitly is an explicit argument: the variable loses."""
     monkeypatch.setenv("EDRV_API_URL", "http://127.0.0.1:9")
     explicit = "".join(["https://", "api.edrv.io"])  # equal to the default, another object
-    assert EdrvAuth(CLIENT_ID, "test-secret", api_url=explicit)._api_url == explicit
-    assert EdrvAuth(CLIENT_ID, "test-secret")._api_url == "http://127.0.0.1:9"
+    assert EdrvAuth(CLIENT_ID, "test-secret", api_url=explicit)._describe().api_url == explicit
+    assert EdrvAuth(CLIENT_ID, "test-secret")._describe().api_url == "http://127.0.0.1:9"
 
 
 def test_invalid_redis_port_is_refused_at_construction() -> None:
@@ -213,7 +213,7 @@ def test_cap_record_is_mirrored_to_the_file(
     finally:
         server.stop()
     assert fake.token_requests == 5
-    assert edrv_auth._parse_state(fallback._cache.path.read_bytes()) is not None
+    assert edrv_auth._parse_record(fallback._describe().file_cache.path.read_bytes()) is not None
 
 
 def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: MakeAuth) -> None:
@@ -221,9 +221,15 @@ def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: Mak
     import os
 
     auth = make_auth()
-    auth._cache.ensure_dir()
-    old = auth._cache.directory / f".{auth._cache.path.name}.4242.deadbeef"
-    fresh = auth._cache.directory / f".{auth._cache.path.name}.4243.cafebabe"
+    auth._describe().file_cache.ensure_dir()
+    old = (
+        auth._describe().file_cache.directory
+        / f".{auth._describe().file_cache.path.name}.4242.deadbeef"
+    )
+    fresh = (
+        auth._describe().file_cache.directory
+        / f".{auth._describe().file_cache.path.name}.4243.cafebabe"
+    )
     for leftover in (old, fresh):
         leftover.write_bytes(b"{")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
@@ -234,5 +240,5 @@ def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: Mak
 
 def test_request_times_slightly_in_the_future_still_count(clock: Clock) -> None:
     """Another machine's clock running ahead does not hide its token requests from the cap."""
-    state = edrv_auth._State(None, (clock.now + 10, clock.now + 20), None)
-    assert len(state.window(clock.now)) == 2
+    state = edrv_auth._CacheRecord(None, (clock.now + 10, clock.now + 20), None)
+    assert len(state.counted_times(clock.now)) == 2

@@ -73,11 +73,11 @@ def _temporaries(directory: Path) -> list[str]:
 
 def _assert_holds_good_token(auth: edrv_auth.EdrvAuth, token: str) -> None:
     """The cache file is a trusted regular 0600 file whose token is ``token``."""
-    path = auth._cache.path
+    path = auth._describe().file_cache.path
     assert not path.is_symlink()
     assert stat.S_ISREG(os.lstat(path).st_mode)
     assert _mode(path) == 0o600
-    state = auth._cache.read()
+    state = auth._describe().file_cache.read()
     assert state is not None
     assert state.token is not None
     assert state.token.access_token.value == token
@@ -90,7 +90,7 @@ def test_construction_creates_nothing(make_auth: MakeAuth, clean_env: Path) -> N
     """Constructing EdrvAuth creates neither the cache folder nor any file in it."""
     auth = make_auth()
     assert not clean_env.exists()
-    assert not os.path.lexists(auth._cache.path)
+    assert not os.path.lexists(auth._describe().file_cache.path)
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
@@ -106,8 +106,8 @@ def test_modes_do_not_depend_on_umask(
         os.umask(old)
     assert fake.token_requests == 1
     assert _mode(clean_env) == 0o700
-    assert _mode(auth._cache.path) == 0o600
-    assert _mode(auth._cache.lock_path) == 0o600
+    assert _mode(auth._describe().file_cache.path) == 0o600
+    assert _mode(auth._describe().file_cache.lock_path) == 0o600
 
 
 def test_file_holds_token_and_times_but_no_secret(
@@ -116,7 +116,7 @@ def test_file_holds_token_and_times_but_no_secret(
     """The cache file is JSON with token, obtained_at, expires_at and scope, and no secret."""
     auth = make_auth()
     token = auth.get_token()
-    raw = auth._cache.path.read_text()
+    raw = auth._describe().file_cache.path.read_text()
     assert CLIENT_SECRET not in raw
     data = json.loads(raw)
     assert data["token"] == {
@@ -139,12 +139,12 @@ def test_file_name_depends_on_credentials_but_reveals_none(
     make_auth: MakeAuth, fake: FakeEdrv
 ) -> None:
     """Another client_id, audience or token_url gets another file, named without the id or URL."""
-    base = make_auth()._cache.path
-    assert make_auth()._cache.path == base  # same configuration, same file
+    base = make_auth()._describe().file_cache.path
+    assert make_auth()._describe().file_cache.path == base  # same configuration, same file
     others = [
-        make_auth(client_id="test-other-client")._cache.path,
-        make_auth(audience="https://other.edrv.io")._cache.path,
-        make_auth(token_url=fake.url + "/other/token")._cache.path,
+        make_auth(client_id="test-other-client")._describe().file_cache.path,
+        make_auth(audience="https://other.edrv.io")._describe().file_cache.path,
+        make_auth(token_url=fake.url + "/other/token")._describe().file_cache.path,
     ]
     assert len({base, *others}) == 4
     for path in (base, *others):
@@ -167,12 +167,12 @@ def test_each_write_replaces_the_inode_and_leaves_no_temporaries(
     """Every write is a rename of a new file (new inode), and no temporary file is left behind."""
     auth = make_auth()
     auth.get_token()
-    first = os.stat(auth._cache.path).st_ino
+    first = os.stat(auth._describe().file_cache.path).st_ino
     clock.advance(fake.expires_in)  # past refresh: a new token, a new write
     auth.get_token()
-    second = os.stat(auth._cache.path).st_ino
+    second = os.stat(auth._describe().file_cache.path).st_ino
     auth.clear()  # rewrites the file without the token (the request record stays)
-    third = os.stat(auth._cache.path).st_ino
+    third = os.stat(auth._describe().file_cache.path).st_ino
     assert fake.token_requests == 2
     assert first != second
     assert second != third
@@ -181,11 +181,11 @@ def test_each_write_replaces_the_inode_and_leaves_no_temporaries(
 
 def test_concurrent_reader_never_sees_half_a_file(make_auth: MakeAuth) -> None:
     """A reader looping read() while a writer loops write() for 0.5 s always gets a whole state."""
-    cache = make_auth()._cache
+    cache = make_auth()._describe().file_cache
     now = time.time()
     tokens = ("fake-token-reader-writer-a" * 40, "fake-token-reader-writer-b")
     states = [
-        edrv_auth._State(edrv_auth._Token(edrv_auth._Secret(t), now, now + 3600, "s"), (now,))
+        edrv_auth._CacheRecord(edrv_auth._Token(edrv_auth._Secret(t), now, now + 3600, "s"), (now,))
         for t in tokens
     ]
     cache.write(states[0])
@@ -268,7 +268,7 @@ def test_valid_planted_file_is_trusted(make_auth: MakeAuth, fake: FakeEdrv) -> N
     """Control for the tests below: a well-formed planted file is used as is, with no request."""
     auth = make_auth()
     seeded = fake.issue_token()
-    _plant(auth._cache.path, json.dumps(_valid_payload(seeded)).encode())
+    _plant(auth._describe().file_cache.path, json.dumps(_valid_payload(seeded)).encode())
     assert auth.get_token() == seeded
     assert fake.token_requests == 0
 
@@ -295,7 +295,7 @@ def test_malformed_file_is_replaced_by_a_fresh_token(
     """An empty, truncated, non-JSON, misshapen or expired file is replaced by one fresh token."""
     auth = make_auth()
     seeded = fake.issue_token()
-    _plant(auth._cache.path, _body(kind, seeded))
+    _plant(auth._describe().file_cache.path, _body(kind, seeded))
     token = auth.get_token()
     assert fake.token_requests == 1
     assert token != seeded
@@ -309,7 +309,7 @@ def test_writable_by_others_file_is_replaced(
     """A valid-looking cache file writable by group or others is not trusted and is replaced."""
     auth = make_auth()
     seeded = fake.issue_token()
-    _plant(auth._cache.path, json.dumps(_valid_payload(seeded)).encode(), mode=mode)
+    _plant(auth._describe().file_cache.path, json.dumps(_valid_payload(seeded)).encode(), mode=mode)
     token = auth.get_token()
     assert fake.token_requests == 1
     assert token != seeded
@@ -322,13 +322,13 @@ def test_file_owned_by_another_user_is_replaced(make_auth: MakeAuth, fake: FakeE
         pytest.skip("chown to another uid needs root; this suite normally runs as root")
     auth = make_auth()
     seeded = fake.issue_token()
-    _plant(auth._cache.path, json.dumps(_valid_payload(seeded)).encode())
-    os.chown(auth._cache.path, 65534, 65534)
+    _plant(auth._describe().file_cache.path, json.dumps(_valid_payload(seeded)).encode())
+    os.chown(auth._describe().file_cache.path, 65534, 65534)
     token = auth.get_token()
     assert fake.token_requests == 1
     assert token != seeded
     _assert_holds_good_token(auth, token)
-    assert os.stat(auth._cache.path).st_uid == os.getuid()
+    assert os.stat(auth._describe().file_cache.path).st_uid == os.getuid()
 
 
 def test_symlink_is_replaced_and_its_target_untouched(
@@ -341,8 +341,8 @@ def test_symlink_is_replaced_and_its_target_untouched(
     original = json.dumps(_valid_payload(seeded)).encode()
     target.write_bytes(original)
     os.chmod(target, 0o600)
-    auth._cache.path.parent.mkdir(mode=0o700)
-    auth._cache.path.symlink_to(target)
+    auth._describe().file_cache.path.parent.mkdir(mode=0o700)
+    auth._describe().file_cache.path.symlink_to(target)
     token = auth.get_token()
     assert fake.token_requests == 1
     assert token != seeded
@@ -356,7 +356,7 @@ def test_directory_in_place_of_file_degrades_to_memory(
 ) -> None:
     """A directory where the cache file belongs degrades to memory, with exactly one warning."""
     auth = make_auth()
-    auth._cache.path.mkdir(mode=0o700, parents=True)
+    auth._describe().file_cache.path.mkdir(mode=0o700, parents=True)
     first = auth.get_token()
     assert auth.get_token() == first
     assert fake.token_requests == 1
@@ -364,8 +364,8 @@ def test_directory_in_place_of_file_degrades_to_memory(
     assert auth.get_token() != first
     assert fake.token_requests == 2
     assert len(_warnings(caplog)) == 1
-    assert auth._cache.path.is_dir()
-    assert _temporaries(auth._cache.directory) == []
+    assert auth._describe().file_cache.path.is_dir()
+    assert _temporaries(auth._describe().file_cache.directory) == []
 
 
 # ---- a cache folder that cannot be used -----------------------------------
@@ -418,7 +418,7 @@ def test_cache_folder_of_another_user_is_not_used(
         pytest.skip("chown to another uid needs root; this suite normally runs as root")
     clean_env.mkdir(mode=0o700)
     seeded = fake.issue_token()
-    planted = clean_env / make_auth()._cache.path.name
+    planted = clean_env / make_auth()._describe().file_cache.path.name
     payload = json.dumps(_valid_payload(seeded)).encode()
     _plant(planted, payload)
     os.chown(clean_env, 65534, 65534)
@@ -492,7 +492,7 @@ def test_write_failure_still_returns_the_token(
     assert auth.get_token() == token  # kept in memory
     assert fake.token_requests == 1
     assert len(_warnings(caplog)) == 1
-    assert not auth._cache.path.exists()
+    assert not auth._describe().file_cache.path.exists()
     assert _temporaries(clean_env) == []
 
 
@@ -504,9 +504,9 @@ def test_clear_forgets_the_token_on_disk_and_in_memory(make_auth: MakeAuth, fake
     auth = make_auth()
     first = auth.get_token()
     auth.clear()
-    path = auth._cache.path
+    path = auth._describe().file_cache.path
     assert not path.exists() or first not in path.read_text()
-    state = auth._cache.read()
+    state = auth._describe().file_cache.read()
     assert state is None or state.token is None
     second = auth.get_token()
     assert second != first

@@ -475,10 +475,10 @@ def test_request_at_or_past_refresh_time_is_sent_with_a_new_token(
     """From refresh_at on (not only at expiry), a request carries a renewed token, unretried."""
     auth = make_auth()
     old = auth.get_token()
-    assert auth._current is not None
-    refresh_at = auth._current.refresh_at
+    assert auth._describe().published is not None
+    refresh_at = auth._describe().published.serve_until
     clock.now = refresh_at if when == "at" else refresh_at + 150  # half the 300 s margin
-    assert clock.now < auth._current.token.expires_at  # the old token still works
+    assert clock.now < auth._describe().published.token.expires_at  # the old token still works
     response = _get(kind, auth, f"{fake.url}/v1.1/x")
     assert (response.status_code, len(response.history)) == (200, 0)
     assert fake.token_requests == 2

@@ -12,8 +12,8 @@ fake issued and every token-shaped string a test planted, in:
   an error reporter (Sentry, Rollbar, ``traceback`` with ``capture_locals=True``) collects
   from it: the local variables of every frame of it and of its chained exceptions, strings,
   bytes, tuples, lists, sets and dicts walked field by field, anything else by ``repr``;
-- ``str`` and ``repr`` of ``EdrvAuth`` and of its internals (``_Token``, ``_Fresh``,
-  ``_State``, ``_Runtime``, ``_FileCache``, the ``FileLock``);
+- ``str`` and ``repr`` of ``EdrvAuth`` and of what its read-only view shows (the token
+  values, the cache record, the token endpoint, ``_FileCache``, the ``FileLock``);
 - the CLI's stderr (and its stdout, except for ``token``, whose stdout is the token);
 - every file under the test's ``tmp_path`` (its name and its bytes): the lock file, any
   temporary file, anything. The cache file is the one place a token may be, and even it may
@@ -113,17 +113,22 @@ class Sweep:
 
     def _object_texts(self) -> Iterator[tuple[str, str]]:
         for i, auth in enumerate(self.auths):
-            runtime = auth._runtime
-            current = auth._current
+            view = auth._describe()
+            if view is None:  # API-key mode: the object itself is all there is
+                yield f"repr(auth{i})", repr(auth)
+                yield f"str(auth{i})", str(auth)
+                continue
+            published = view.published
             objects: dict[str, object] = {
                 "EdrvAuth": auth,
-                "_Runtime": runtime,
-                "_State": runtime.state,
-                "_State.token": runtime.state.token,
-                "_Fresh": current,
-                "_Fresh.token": current.token if current else None,
-                "_FileCache": auth._cache,
-                "FileLock": auth._cache._lock,
+                "the view": view,
+                "the remembered record": view.remembered,
+                "its token": view.remembered.token,
+                "the published token": published,
+                "its token value": published.token if published else None,
+                "the token endpoint": view.endpoint,
+                "_FileCache": view.file_cache,
+                "FileLock": view.file_cache._lock,
             }
             for name, value in objects.items():
                 yield f"repr(auth{i} {name})", repr(value)
@@ -135,7 +140,8 @@ class Sweep:
         ``logged``: whether the path logs at all (so that an empty capture cannot pass unnoticed).
         """
         secrets = self.secrets()
-        cache_files = {auth._cache.path for auth in self.auths}
+        views = [auth._describe() for auth in self.auths]
+        cache_files = {view.file_cache.path for view in views if view is not None}
         found: list[tuple[str, str]] = []
         places = [
             *((f"log record of {name}", text) for name, text in self.handler.records),
@@ -454,11 +460,11 @@ def test_corrupt_or_untrusted_cache_file_leaks_nothing(
 ) -> None:
     """Cache files holding the secret or a token, corrupt or writable by others, leak nothing."""
     auth = sweep.watch(make_auth())
-    auth._cache.ensure_dir()
+    auth._describe().file_cache.ensure_dir()
     planted = fake.issue_token()
     corrupt = f'{{"version": 1, "token": {{"access_token": "{planted} {CLIENT_SECRET}"'
-    auth._cache.path.write_text(corrupt)
-    auth._cache.path.chmod(0o600)
+    auth._describe().file_cache.path.write_text(corrupt)
+    auth._describe().file_cache.path.chmod(0o600)
     first = auth.get_token()
     assert first != planted
     # A well-formed file with a valid token, but writable by others: not trusted either.
@@ -473,8 +479,8 @@ def test_corrupt_or_untrusted_cache_file_leaks_nothing(
         },
         "token_requests": [],
     }
-    auth._cache.path.write_text(json.dumps(document))
-    auth._cache.path.chmod(0o666)
+    auth._describe().file_cache.path.write_text(json.dumps(document))
+    auth._describe().file_cache.path.chmod(0o666)
     fresh = sweep.watch(make_auth())
     assert fresh.get_token() not in (planted, other)
     assert fake.token_requests == 2
@@ -487,7 +493,7 @@ def test_clear_leaks_nothing(make_auth: MakeAuth, fake: FakeEdrv, sweep: Sweep) 
     token = auth.get_token()
     auth.clear()
     auth.clear()
-    assert auth._current is None
+    assert auth._describe().published is None
     assert auth.get_token() != token
     sweep.check()
 
@@ -501,9 +507,9 @@ def test_lock_timeout_and_unusable_cache_folder_leak_nothing(
 ) -> None:
     """A cache lock held elsewhere (timeout) and a cache folder that is a file leak nothing."""
     auth = sweep.watch(make_auth())
-    auth._cache.ensure_dir()
+    auth._describe().file_cache.ensure_dir()
     monkeypatch.setattr(edrv_auth, "_LOCK_TIMEOUT", 0.2)
-    with filelock.FileLock(auth._cache.lock_path):
+    with filelock.FileLock(auth._describe().file_cache.lock_path):
         exc = sweep.error("lock timeout", auth.get_token)
     assert "timed out" in str(exc)
     assert fake.token_requests == 0
@@ -647,4 +653,4 @@ def test_scope_echoing_the_secret_stays_out_of_the_log(
     fake.queue_token_response(200, body)
     assert make_auth().get_token() == "planted-scope-token-7a1c"
     assert leak_watch.leaks() == []
-    assert CLIENT_SECRET not in make_auth()._cache.path.read_text()
+    assert CLIENT_SECRET not in make_auth()._describe().file_cache.path.read_text()

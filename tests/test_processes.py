@@ -347,7 +347,7 @@ def test_thread_lock_held_at_fork_does_not_deadlock_child(
     """A child forked while another thread holds the in-process lock can clear and get a token."""
     auth = make_auth()
     auth.get_token()
-    lock = auth._rt().lock
+    lock = auth._describe().thread_lock
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -380,7 +380,7 @@ def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
     auth = make_auth()
     auth.get_token()
     held = contextlib.ExitStack()
-    held.enter_context(auth._cache.locked(time.monotonic() + 5))
+    held.enter_context(auth._describe().file_cache.locked(time.monotonic() + 5))
     try:
         with forked(child_clear_and_get, auth) as (proc, reader):
             # The lock belongs to the parent: the child must not act as if it held it too.
@@ -409,7 +409,7 @@ def test_sigkilled_lock_holder_releases_the_lock_at_once(
     """After the process holding the cache lock is SIGKILLed, a token comes at once."""
     holder = start_lock_holder(children, tmp_path)
     auth = make_auth()
-    probe = auth._cache.make_lock()
+    probe = auth._describe().file_cache.make_lock()
     with pytest.raises(filelock.Timeout):
         probe.acquire(timeout=0)  # the child really holds it
     children.kill(holder)
@@ -447,7 +447,7 @@ def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
     os.kill(holder.pid, signal.SIGSTOP)
     report = children.result(children.start("token", "--lock-timeout", "1.0"))
     assert report["error"] == "EdrvAuthError"
-    assert str(make_auth()._cache.lock_path) in report["message"]
+    assert str(make_auth()._describe().file_cache.lock_path) in report["message"]
     assert 0.9 <= report["elapsed"] < 5.0
     assert fake_env.token_requests == 0
 

@@ -270,13 +270,13 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
     def check(raw: bytes) -> None:
         directory = _fresh_example(fake, tmp_path)
         auth = make_auth(cache_dir=directory, timeout=2)
-        _plant(auth._cache.path, raw)
-        expected = edrv_auth._parse_state(raw)
-        assert auth._cache.read() == expected
+        _plant(auth._describe().file_cache.path, raw)
+        expected = edrv_auth._parse_record(raw)
+        assert auth._describe().file_cache.read() == expected
         token = expected.token if expected else None
         if token is not None and token.access_token.value.startswith("planted-"):
             leak_watch.secrets.add(token.access_token.value)  # distinctive: searched for in logs
-        recent = expected.window(NOW) if expected else ()  # what the storm cap counts
+        recent = expected.counted_times(NOW) if expected else ()  # what the storm cap counts
         result = _outcome(auth)
         if isinstance(result, EdrvAuthError):
             _check_message(result, leak_watch)
@@ -503,19 +503,22 @@ def test_origin_is_a_value_error_or_a_normalised_triple(url: str) -> None:
 def test_huge_integer_in_cache_file_is_ignored(make_auth: MakeAuth, fake: FakeEdrv) -> None:
     """A cache file whose request times hold a 400-digit integer is ignored and replaced."""
     auth = make_auth(timeout=2)
-    auth._cache.ensure_dir()
+    auth._describe().file_cache.ensure_dir()
     huge = b"1" + b"0" * 400
-    _plant(auth._cache.path, b'{"version": 1, "token": null, "token_requests": [' + huge + b"]}")
-    assert auth._cache.read() is None
+    _plant(
+        auth._describe().file_cache.path,
+        b'{"version": 1, "token": null, "token_requests": [' + huge + b"]}",
+    )
+    assert auth._describe().file_cache.read() is None
     assert auth.get_token() in fake.issued_tokens
 
 
 def test_deeply_nested_cache_file_is_ignored(make_auth: MakeAuth, fake: FakeEdrv) -> None:
     """A cache file of 5000 nested arrays is ignored and replaced by a fresh token."""
     auth = make_auth(timeout=2)
-    auth._cache.ensure_dir()
-    _plant(auth._cache.path, b"[" * 5000)
-    assert auth._cache.read() is None
+    auth._describe().file_cache.ensure_dir()
+    _plant(auth._describe().file_cache.path, b"[" * 5000)
+    assert auth._describe().file_cache.read() is None
     assert auth.get_token() in fake.issued_tokens
 
 

@@ -204,7 +204,7 @@ def test_redis_holds_the_token_but_no_secret(
     auth = machine()
     token = auth.get_token()
     data = redis_data(redis_url)
-    assert list(data) == [auth._stores[0].key.encode()]  # type: ignore[attr-defined]
+    assert list(data) == [auth._describe().stores[0].key.encode()]  # type: ignore[attr-defined]
     stored = b" ".join([*data, *data.values()])
     assert CLIENT_SECRET.encode() not in stored
     assert CLIENT_ID.encode() not in stored
@@ -381,7 +381,7 @@ def test_planted_redis_lifetimes_are_not_trusted(
 ) -> None:
     """A token in Redis with a lifetime over 30 days or from the future is replaced."""
     auth = machine()
-    key = auth._stores[0].key  # type: ignore[attr-defined]
+    key = auth._describe().stores[0].key  # type: ignore[attr-defined]
     planted = fake.issue_token()
     now = time.time()
     _plant(redis_url, key, _state(planted, now + obtained_in, now + expires_in, []))
@@ -396,12 +396,12 @@ def test_oversized_redis_value_is_not_read(
     import redis
 
     auth = machine()
-    key = auth._stores[0].key  # type: ignore[attr-defined]
+    key = auth._describe().stores[0].key  # type: ignore[attr-defined]
     _plant(redis_url, key, b" " * (4 * 1024 * 1024))
     client = redis.Redis.from_url(redis_url)
     try:
         sent_before = client.info("stats")["total_net_output_bytes"]
-        assert auth._stores[0].read() is None
+        assert auth._describe().stores[0].read() is None
         sent = client.info("stats")["total_net_output_bytes"] - sent_before
     finally:
         client.close()
@@ -420,19 +420,21 @@ def test_lock_without_ttl_falls_back_to_the_file_cache(
     """A Redis lock that never expires costs a cold process the lock timeout, then the file."""
     monkeypatch.setattr(edrv_auth, "_LOCK_TIMEOUT", 0.5)
     auth = machine()
-    _plant(redis_url, auth._stores[0].lock_key, b"a holder that set no TTL")  # type: ignore[attr-defined]
+    _plant(redis_url, auth._describe().stores[0].lock_key, b"a holder that set no TTL")  # type: ignore[attr-defined]
     started = time.monotonic()
     token = auth.get_token()
     assert time.monotonic() - started < 5
     assert token in fake.issued_tokens
-    assert auth._cache.read() is not None  # saved in the file cache
+    assert auth._describe().file_cache.read() is not None  # saved in the file cache
     assert any("using" in m and "instead" in m for m in leak_watch.messages)
     assert fake.token_requests == 1
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:  # the stuck lock now ends like a dead holder's: the fleet recovers by itself
-        assert 0 < client.pttl(auth._stores[0].lock_key) <= edrv_auth._REDIS_LOCK_TTL * 1000  # type: ignore[attr-defined]
+        assert (
+            0 < client.pttl(auth._describe().stores[0].lock_key) <= edrv_auth._REDIS_LOCK_TTL * 1000
+        )  # type: ignore[attr-defined]
     finally:
         client.close()
 
@@ -458,10 +460,10 @@ def test_compare_and_swap_does_not_replace_another_token(
     """A write replacing a token that Redis no longer holds changes nothing (the Lua CAS)."""
     auth = machine()
     current = auth.get_token()
-    store = auth._stores[0]
+    store = auth._describe().stores[0]
     before = redis_data(redis_url)
     now = time.time()
-    newer = edrv_auth._State(edrv_auth._Token(edrv_auth._Secret("test-newer"), now, now + 60))
+    newer = edrv_auth._CacheRecord(edrv_auth._Token(edrv_auth._Secret("test-newer"), now, now + 60))
     store.write(newer, edrv_auth._Secret("test-some-older-token"))
     assert redis_data(redis_url) == before
     store.write(newer, edrv_auth._Secret(current))  # the token it holds: swapped
@@ -475,7 +477,7 @@ def test_lock_release_leaves_another_owners_lock(
     fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
 ) -> None:
     """A holder whose lock expired and was taken by another releases nothing of theirs."""
-    store = machine()._stores[0]
+    store = machine()._describe().stores[0]
     with store.locked(time.monotonic() + 5):
         _plant(redis_url, store.lock_key, b"another owner")  # type: ignore[attr-defined]
     assert redis_data(redis_url)[store.lock_key.encode()] == b"another owner"  # type: ignore[attr-defined]
@@ -503,8 +505,10 @@ def test_unreachable_redis_is_tried_again_30_s_later(
         third = auth.get_token()
         data = redis_data(server.url)
     assert len({first, second, third}) == 3
-    assert list(data) == [auth._stores[0].key.encode()]  # type: ignore[attr-defined]
-    assert json.loads(data[auth._stores[0].key.encode()])["token"]["access_token"] == third  # type: ignore[attr-defined]
+    assert list(data) == [auth._describe().stores[0].key.encode()]  # type: ignore[attr-defined]
+    assert (
+        json.loads(data[auth._describe().stores[0].key.encode()])["token"]["access_token"] == third
+    )  # type: ignore[attr-defined]
 
 
 def test_a_flushed_redis_is_filled_again_by_the_next_renewal(

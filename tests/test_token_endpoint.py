@@ -40,7 +40,7 @@ def _fails(auth: edrv_auth.EdrvAuth, leak_watch: LeakWatch) -> TokenRequestError
 
 def _cached_lifetime(auth: edrv_auth.EdrvAuth) -> float:
     """expires_at - obtained_at of the token in the cache file, read as raw JSON."""
-    token = json.loads(auth._cache.path.read_text())["token"]
+    token = json.loads(auth._describe().file_cache.path.read_text())["token"]
     return float(token["expires_at"] - token["obtained_at"])
 
 
@@ -259,7 +259,7 @@ def test_unusable_200_is_an_error(
     auth = make_auth()
     _fails(auth, leak_watch)
     assert fake.token_requests == 1
-    state = auth._cache.read()
+    state = auth._describe().file_cache.read()
     assert state is None or state.token is None
 
 

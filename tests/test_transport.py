@@ -104,8 +104,8 @@ def _api_call(library: str, auth: EdrvAuth, url: str, verify: Any = None) -> int
 
 def _cap_record(auth: EdrvAuth) -> tuple[float, ...]:
     """The token requests counted towards the storm cap, in memory and in the file."""
-    state = auth._cache.read()
-    return (*auth._rt().state.requests, *(state.requests if state else ()))
+    state = auth._describe().file_cache.read()
+    return (*auth._describe().remembered.requests, *(state.requests if state else ()))
 
 
 # ---- trust: each route, with requests and with httpx --------------------------------
@@ -382,7 +382,7 @@ def test_pickling_keeps_a_verify_path(
     """verify= a path pickles with the instance, and the copy trusts the same CA."""
     auth = make_tls_auth(verify=str(ca.bundle))
     copy = pickle.loads(pickle.dumps(auth))
-    assert copy._verify == str(ca.bundle)
+    assert copy._describe().endpoint.verify == str(ca.bundle)
     copy.get_token()
     assert tls_fake.token_requests == 1
 
