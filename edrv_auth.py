@@ -20,7 +20,7 @@ The file is self-contained: copy it next to a script and it works with whichever
 of requests and httpx is installed (it needs ``filelock``).
 
 Sections, each built only from the ones above it:
-    Errors · Token values (pure) · Token endpoint (the one token request) ·
+    Errors · Token values · Token endpoint (the one token request) ·
     Shared caches (file, Redis) · Token source (every token decision) ·
     Configuration · Adapters' helpers (origin guard, the 401 policy) ·
     EdrvAuth (configuration and the three adapters) · Command line
@@ -184,7 +184,22 @@ class TokenRequestError(EdrvAuthError):
         self.error = error
 
 
-# ---- Token values: secrets, tokens, cache records (pure) --------------------
+# ---- Token values: secrets, tokens, cache records, small helpers ------------
+
+
+def _env(name: str) -> str | None:
+    """An environment variable, with empty meaning unset."""
+    return os.environ.get(name) or None
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, with the default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an http(s) URL")
+    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
 
 
 class _Secret:
@@ -553,6 +568,21 @@ def _fold(text: str) -> str:
     return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
 
 
+def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
+    """Make server-provided text safe for a message: no secrets, no control chars.
+
+    Control characters go first, so that replacing them cannot rebuild a
+    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
+    is shown as ``***`` only.
+    """
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if secrets is not None:
+        text = secrets.mask(text)
+        if secrets.echoes(text):
+            return "***"
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 class _Redactor:
     """Recognises the client secret in server-provided text, however it was encoded.
 
@@ -625,21 +655,6 @@ class _Redactor:
         return None if shown == "***" and text.strip() != "***" else shown
 
 
-def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
-    """Make server-provided text safe for a message: no secrets, no control chars.
-
-    Control characters go first, so that replacing them cannot rebuild a
-    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
-    is shown as ``***`` only.
-    """
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    if secrets is not None:
-        text = secrets.mask(text)
-        if secrets.echoes(text):
-            return "***"
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 def _describe(exc: BaseException) -> str:
     """A short, safe description of a network error (never its arguments)."""
     if isinstance(exc, TimeoutError):
@@ -658,6 +673,22 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError("timed out")
     return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under http.client's reader: every read ends by the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_left(self._deadline))
+        return self._sock.recv_into(buffer)
 
 
 class _DeadlineSocket:
@@ -680,22 +711,6 @@ class _DeadlineSocket:
 
     def close(self) -> None:
         """The socket is closed by `_post`, which opened it."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream under http.client's reader: every read ends by the deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        self._sock.settimeout(_left(self._deadline))
-        return self._sock.recv_into(buffer)
 
 
 def _resolve(host: str, port: int, deadline: float) -> list[Any]:
@@ -1761,60 +1776,6 @@ def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[]
     return anyio.to_thread.run_sync, anyio.Event, anyio.Lock
 
 
-class _SourceView:
-    """A read-only view of a token source, for ``status`` and the tests.
-
-    ``shared()`` reads the shared caches exactly as the token source does, so
-    what ``status`` reports is what the next request would use.
-    """
-
-    def __init__(self, source: _TokenSource, api_url: str) -> None:
-        self._source = source
-        self.api_url = api_url
-        self.endpoint = source.endpoint
-        self.client_id = source.endpoint.client_id
-        self.token_url = source.endpoint.url
-        self.refresh_margin = source.refresh_margin
-        self.stores = source.stores
-        self.file_cache = source.file_cache
-        #: What the hot path serves now, and until when.
-        self.published = source.published
-        process = source.process_state()
-        #: The last record this process saw (all there is without a usable cache).
-        self.remembered = process.record
-        #: This process's lock around token decisions (tests hold it across a fork).
-        self.thread_lock = process.lock
-
-    def shared(self) -> tuple[str, _CacheRecord | None]:
-        """Where the shared record comes from, and the record (``None``: nothing cached)."""
-        problems: list[str] = []
-        store, record = self._source.read_shared(self._source.process_state(), problems)
-        if store is not None:
-            return store.label, record
-        return "; ".join([*problems, self.stores[0].label]), None
-
-
-class _KeySource:
-    """The token source of API-key mode: the key, always; no request, no cache."""
-
-    renews = False
-
-    def __init__(self, key: _Secret) -> None:
-        self._published = _Published(_Token(key, 0.0, math.inf), math.inf)
-
-    def current(self) -> _Published:
-        return self._published
-
-    def token(self, rejected: _Secret | None) -> _Published:
-        return self._published
-
-    async def atoken(self, rejected: _Secret | None) -> _Published:
-        return self._published
-
-    def clear(self) -> list[str]:
-        return []
-
-
 class _TokenSource:
     """Where every token comes from: memory, then the shared cache, then eDRV.
 
@@ -2177,12 +2138,61 @@ class _TokenSource:
         )
 
 
+class _SourceView:
+    """A read-only view of a token source, for ``status`` and the tests.
+
+    ``shared()`` reads the shared caches exactly as the token source does, so
+    what ``status`` reports is what the next request would use.
+    """
+
+    def __init__(self, source: _TokenSource, api_url: str) -> None:
+        self._source = source
+        self.api_url = api_url
+        self.endpoint = source.endpoint
+        self.client_id = source.endpoint.client_id
+        self.token_url = source.endpoint.url
+        self.refresh_margin = source.refresh_margin
+        self.stores = source.stores
+        self.file_cache = source.file_cache
+        #: What the hot path serves now, and until when.
+        self.published = source.published
+        process = source.process_state()
+        #: The last record this process saw (all there is without a usable cache).
+        self.remembered = process.record
+        #: This process's lock around token decisions (tests hold it across a fork).
+        self.thread_lock = process.lock
+
+    def shared(self) -> tuple[str, _CacheRecord | None]:
+        """Where the shared record comes from, and the record (``None``: nothing cached)."""
+        problems: list[str] = []
+        store, record = self._source.read_shared(self._source.process_state(), problems)
+        if store is not None:
+            return store.label, record
+        return "; ".join([*problems, self.stores[0].label]), None
+
+
+class _KeySource:
+    """The token source of API-key mode: the key, always; no request, no cache."""
+
+    renews = False
+
+    def __init__(self, key: _Secret) -> None:
+        self._published = _Published(_Token(key, 0.0, math.inf), math.inf)
+
+    def current(self) -> _Published:
+        return self._published
+
+    def token(self, rejected: _Secret | None) -> _Published:
+        return self._published
+
+    async def atoken(self, rejected: _Secret | None) -> _Published:
+        return self._published
+
+    def clear(self) -> list[str]:
+        return []
+
+
 # ---- Configuration: credentials, URLs and trust, checked at construction ----
-
-
-def _env(name: str) -> str | None:
-    """An environment variable, with empty meaning unset."""
-    return os.environ.get(name) or None
 
 
 def _setting(value: str, default: str, variable: str) -> str:
@@ -2277,16 +2287,6 @@ def _has_userinfo(url: str) -> bool:
         return "@" in urllib.parse.urlsplit(url).netloc
     except ValueError:
         return "@" in url
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an http(s) URL, with the default port filled in."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if scheme not in _DEFAULT_PORTS or not host:
-        raise ValueError("not an http(s) URL")
-    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
 
 
 def _safe_port(parts: urllib.parse.SplitResult) -> int | None:
@@ -2465,11 +2465,6 @@ def _replayable_httpx_stream(stream: object) -> bool:
     return all(isinstance(f, (bytes, str)) or _seekable(f) for f in files)
 
 
-def _pass_response(r: requests.Response, **kwargs: Any) -> requests.Response:
-    """A disarmed retry hook."""
-    return r
-
-
 def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Response) -> None:
     # As HTTPDigestAuth does, carry cookies set by the 401 into the re-sent request.
     from requests.cookies import extract_cookies_to_jar
@@ -2477,6 +2472,37 @@ def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Respons
     jar = prepared._cookies  # type: ignore[attr-defined]
     extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call]
     prepared.prepare_cookies(jar)
+
+
+def _resend(
+    r: requests.Response, fresh: _Published, rewind_to: int | None, kwargs: dict[str, Any]
+) -> requests.Response:
+    """Send the request that ``r`` answers once more, with ``fresh``'s header.
+
+    HTTPDigestAuth's recipe: rewind the body, drain and release the
+    connection, re-send a copy over the same adapter, and keep the 401 in the
+    new response's history.
+    """
+    request = r.request
+    body: object = request.body
+    if rewind_to is not None and hasattr(body, "seek"):  # a 302/303 drops the body
+        body.seek(rewind_to)
+    r.content  # noqa: B018 - reading the body frees the connection
+    r.close()
+    # The fresh token also goes on `request` itself: requests builds any
+    # redirect that follows from it.
+    request.headers["Authorization"] = fresh.header
+    prepared = request.copy()
+    _copy_cookies(prepared, r)
+    second: requests.Response = r.connection.send(prepared, **kwargs)
+    second.history.append(r)
+    second.request = prepared
+    return second
+
+
+def _pass_response(r: requests.Response, **kwargs: Any) -> requests.Response:
+    """A disarmed retry hook."""
+    return r
 
 
 # ---- EdrvAuth: configuration, the three adapters ---------------------------
@@ -2689,12 +2715,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     ) -> requests.Response:
         """The requests response hook: re-send a request once on a 401.
 
-        It follows HTTPDigestAuth: rewind the body, drain and release the
-        connection, re-send a copy over the same adapter, and keep the 401 in
-        the new response's history. requests also runs this hook for responses
-        to redirected copies of the request; all copies share one hook list,
-        and the hook disarms itself there on its first retry, so there is
-        never a second one.
+        requests also runs this hook for responses to redirected copies of the
+        request; all copies share one hook list, and the hook disarms itself
+        there on its first retry, so there is never a second one.
         """
         request = r.request
         if not _retry_with_new_token(
@@ -2717,20 +2740,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         for index, hook in enumerate(hooks):  # in place: requests may be iterating over it
             if getattr(hook, "func", None) == self._retry_on_401:
                 hooks[index] = _pass_response
-        body: object = request.body
-        if rewind_to is not None and hasattr(body, "seek"):  # a 302/303 drops the body
-            body.seek(rewind_to)
-        r.content  # noqa: B018 - reading the body frees the connection
-        r.close()
-        # The fresh token also goes on `request` itself: requests builds any
-        # redirect that follows from it.
-        request.headers["Authorization"] = fresh.header
-        prepared = request.copy()
-        _copy_cookies(prepared, r)
-        second: requests.Response = r.connection.send(prepared, **kwargs)
-        second.history.append(r)
-        second.request = prepared
-        return second
+        return _resend(r, fresh, rewind_to, kwargs)
 
     # -- httpx ---------------------------------------------------------------
 
@@ -2778,6 +2788,44 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
 
 
 # ---- Command line -----------------------------------------------------------
+
+
+def _status(auth: EdrvAuth) -> str:
+    """What ``status`` prints: facts about the cache, never the token.
+
+    It reads the shared caches through the token source's own view, so it
+    reports exactly what the next request would use.
+    """
+    view = auth._describe()
+    if view is None:
+        return f"mode: API key (no token request, no cache)\napi url: {auth._origin.url}"
+    now = _now()
+    where, record = view.shared()
+    lines = [
+        f"cache: {where}" + ("" if record else " (nothing usable cached)"),
+        f"cache file: {view.file_cache.path}",
+        f"client id: {view.client_id}",
+        f"token url: {view.token_url}",
+    ]
+    token = record.token if record else None
+    if token is None:
+        lines.append("token: none cached")
+    else:
+        obtained = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(token.obtained_at))
+        remaining = token.expires_at - now
+        refresh_in = token.refresh_at(view.refresh_margin) - now
+        lines += [
+            f"obtained: {obtained} ({now - token.obtained_at:.0f} s ago)",
+            f"expires in: {remaining:.0f} s" if remaining > 0 else "expires in: expired",
+            f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {view.refresh_margin:g} s)",
+            f"scope: {token.scope or '(none)'}",
+        ]
+    recent = record.counted_times(now) if record else ()
+    lines.append(
+        f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
+        f"(at most {_MAX_TOKEN_REQUESTS} per client id)"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2855,44 +2903,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
-
-
-def _status(auth: EdrvAuth) -> str:
-    """What ``status`` prints: facts about the cache, never the token.
-
-    It reads the shared caches through the token source's own view, so it
-    reports exactly what the next request would use.
-    """
-    view = auth._describe()
-    if view is None:
-        return f"mode: API key (no token request, no cache)\napi url: {auth._origin.url}"
-    now = _now()
-    where, record = view.shared()
-    lines = [
-        f"cache: {where}" + ("" if record else " (nothing usable cached)"),
-        f"cache file: {view.file_cache.path}",
-        f"client id: {view.client_id}",
-        f"token url: {view.token_url}",
-    ]
-    token = record.token if record else None
-    if token is None:
-        lines.append("token: none cached")
-    else:
-        obtained = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(token.obtained_at))
-        remaining = token.expires_at - now
-        refresh_in = token.refresh_at(view.refresh_margin) - now
-        lines += [
-            f"obtained: {obtained} ({now - token.obtained_at:.0f} s ago)",
-            f"expires in: {remaining:.0f} s" if remaining > 0 else "expires in: expired",
-            f"refreshed in: {max(refresh_in, 0):.0f} s (refresh margin {view.refresh_margin:g} s)",
-            f"scope: {token.scope or '(none)'}",
-        ]
-    recent = record.counted_times(now) if record else ()
-    lines.append(
-        f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
-        f"(at most {_MAX_TOKEN_REQUESTS} per client id)"
-    )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -340,6 +340,32 @@ def test_a_flushed_redis_does_not_cost_a_token_request(
     assert fake.token_requests == 1
 
 
+def test_status_reports_the_token_the_core_uses_when_redis_is_empty(
+    fake_env: FakeEdrv,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`status` reads the caches as the core does: an empty Redis shows the file's token."""
+    import redis
+
+    monkeypatch.setenv("EDRV_AUTH_REDIS_URL", redis_url)
+    monkeypatch.setenv("EDRV_AUTH_CACHE_DIR", str(tmp_path / "kept"))
+    edrv_auth.EdrvAuth().get_token()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    assert edrv_auth.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing usable cached" not in out
+    assert f"cache: {tmp_path / 'kept'}\n" in out
+    assert "expires in: expired" not in out
+    assert fake_env.token_requests == 1
+
+
 # ---- what is read back is checked like the file ------------------------------------
 
 

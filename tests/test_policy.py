@@ -1,0 +1,71 @@
+"""The one 401 policy and the one origin comparison, as tables: no server, no client.
+
+The requests hook and both httpx flows ask `_retry_with_new_token` whether a
+response earns one resend with a new token; these tables pin its answers.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+import edrv_auth
+
+API = edrv_auth._ApiOrigin("https://api.example.test")
+OURS = "Bearer test-token-ours"
+
+
+@pytest.mark.parametrize(
+    ("status", "answered", "sent", "replayable", "retry"),
+    [
+        (401, "https://api.example.test/v1.1/x", OURS, True, True),
+        (401, httpx.URL("https://api.example.test/v1.1/x"), OURS, True, True),
+        (401, "https://API.example.test:443/v1.1/x", OURS, True, True),  # same origin, spelt out
+        (200, "https://api.example.test/v1.1/x", OURS, True, False),
+        (403, "https://api.example.test/v1.1/x", OURS, True, False),  # valid but not allowed
+        (500, "https://api.example.test/v1.1/x", OURS, True, False),
+        (401, "https://api.example.test/v1.1/x", OURS, False, False),  # a generator body
+        (401, "https://api.example.test/v1.1/x", None, True, False),  # header stripped
+        (401, "https://api.example.test/v1.1/x", "Bearer test-token-other", True, False),
+        (401, "https://elsewhere.example.test/v1.1/x", OURS, True, False),  # another origin
+        (401, httpx.URL("https://elsewhere.example.test/"), OURS, True, False),
+        (401, "http://api.example.test/v1.1/x", OURS, True, False),  # another scheme
+        (401, "https://api.example.test:8443/v1.1/x", OURS, True, False),  # another port
+        (401, "not a url", OURS, True, False),
+    ],
+)
+def test_401_policy(
+    status: int, answered: str | httpx.URL, sent: str | None, replayable: bool, retry: bool
+) -> None:
+    """Only a 401 on the API's origin, to a request that carried our header, with a body
+    that can be sent again, earns a resend."""
+    assert edrv_auth._retry_with_new_token(status, answered, sent, OURS, replayable, API) is retry
+
+
+@pytest.mark.parametrize(
+    ("url", "same"),
+    [
+        ("https://api.example.test/", True),
+        ("https://api.example.test/v1.1/chargestations?x=1", True),
+        ("https://api.example.test:443/", True),
+        ("https://api.example.test.evil.test/", False),
+        ("https://api.example.test@evil.test/", False),
+        ("https://evil.test/https://api.example.test/", False),
+        ("http://api.example.test/", False),
+        ("https://[::1]/", False),
+        ("", False),
+    ],
+)
+def test_origin_comparison(url: str, same: bool) -> None:
+    """The one origin comparison, for URLs as strings and as httpx parses them."""
+    assert API.matches(url) is same
+    if url:
+        assert API.matches(httpx.URL(url)) is same
+
+
+def test_origin_refusal_names_the_origin_only() -> None:
+    """A refused URL is shown as scheme, host and port: never its path or query."""
+    with pytest.raises(edrv_auth.EdrvAuthError) as info:
+        API.check("https://evil.test:8443/steal?token=test-query-canary")
+    assert "https://evil.test:8443" in str(info.value)
+    assert "test-query-canary" not in str(info.value)
