@@ -2419,6 +2419,9 @@ def _retry_with_new_token(
     )
 
 
+_IN_MEMORY_BODIES: Final = frozenset({type(None), bytes, str, bytearray, memoryview})
+
+
 def _replay_position(body: object) -> tuple[bool, int | None]:
     """Whether requests can send ``body`` again, and where to rewind it to.
 
@@ -2628,6 +2631,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
         verify = _checked_verify(verify)
         self._source: _TokenSource | _KeySource
+        self._usual_hook: functools.partial[requests.Response] | None = None
         if isinstance(credentials, _Secret):
             self._source = _KeySource(credentials)
             return
@@ -2651,6 +2655,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, "
             f"cache=[{shared}])"
         )
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_usual_hook": None}  # it holds this process's token
 
     def get_token(self) -> str:
         """Return a valid access token (or the API key in API-key mode).
@@ -2701,7 +2708,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         sent = self._source.current() or self._source.token(None)
         r.headers["Authorization"] = sent.header
         if self._source.renews:
-            hook = functools.partial(self._retry_on_401, sent, *_replay_position(r.body))
+            hook = self._usual_hook  # a body in memory: one hook per token, not per request
+            if type(r.body) not in _IN_MEMORY_BODIES:
+                hook = functools.partial(self._retry_on_401, sent, *_replay_position(r.body))
+            elif hook is None or hook.args[0] is not sent:
+                hook = self._usual_hook = functools.partial(self._retry_on_401, sent, True, None)
             r.hooks["response"].append(hook)
         return r
 
