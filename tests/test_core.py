@@ -83,6 +83,31 @@ def test_failures_are_capped_and_the_error_says_when_to_retry(
     assert fake.token_requests == 5
 
 
+def test_the_cap_is_per_client_id_and_clear_does_not_lift_it(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """After 5 failures (a wrong secret), `clear` and the right secret still wait, as the
+    message says: the cap counts per client id, and it says when it lifts."""
+    for _ in range(5):
+        fake.queue_token_response(401, {"error": "access_denied"})
+    wrong = make_auth(client_secret="test-wrong-secret")
+    for _ in range(5):
+        with pytest.raises(TokenRequestError, match="HTTP 401"):
+            wrong.get_token()
+    right = make_auth()
+    right.clear()
+    clock.advance(15)
+    with pytest.raises(TokenRequestError) as info:
+        right.get_token()
+    message = str(info.value)
+    assert "per client id" in message
+    assert "clearing the cache does not lift it" in message
+    assert message.endswith("the next request is allowed in 45 s")
+    assert fake.token_requests == 5
+    clock.advance(46)
+    assert right.get_token() in fake.issued_tokens
+
+
 def test_retried_attempts_of_a_renewal_count_except_the_successful_one(
     fake: FakeEdrv, make_auth: MakeAuth, no_sleep: list[float], clock: Clock
 ) -> None:
