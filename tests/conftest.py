@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,24 @@ import edrv_auth  # noqa: E402
 CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-secret-canary-4b1d7e"
 API_KEY = "test-api-key-canary-93c2a8"
+
+#: What the ``make_auth`` fixture is: EdrvAuth's constructor with the fake's defaults.
+MakeAuth = Callable[..., edrv_auth.EdrvAuth]
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` at ``path`` (creating the 0700 cache folder) with exactly ``mode``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
 
 _CLEARED_PREFIXES = ("EDRV_",)
 _CLEARED_NAMES = (
@@ -137,7 +156,7 @@ def other() -> Iterator[FakeEdrv]:
 
 
 @pytest.fixture
-def make_auth(fake: FakeEdrv, clean_env: Path) -> Callable[..., edrv_auth.EdrvAuth]:
+def make_auth(fake: FakeEdrv, clean_env: Path) -> MakeAuth:
     """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
 
     def make(**overrides: Any) -> edrv_auth.EdrvAuth:

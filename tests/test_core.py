@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 
 import pytest
 import requests
-from conftest import Clock, LeakWatch
+from conftest import Clock, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 import edrv_auth
-from edrv_auth import EdrvAuth, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
+from edrv_auth import TokenRequestError
 
 
 def test_scheduled_renewals_are_not_capped(

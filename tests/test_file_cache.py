@@ -17,20 +17,17 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, Clock
+from conftest import CLIENT_ID, CLIENT_SECRET, Clock, MakeAuth, _plant
 from fake_edrv import FakeEdrv
 
 import edrv_auth
 
 pytestmark = pytest.mark.posix_only  # file modes, owners, symlinks and FIFOs
-
-MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -57,13 +54,6 @@ def _valid_payload(token: str, now: float | None = None) -> dict[str, Any]:
         },
         "token_requests": [],
     }
-
-
-def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` at ``path`` (creating the 0700 cache folder) with exactly ``mode``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, mode)
 
 
 def _temporaries(directory: Path) -> list[str]:

@@ -23,13 +23,11 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, Clock, LeakWatch
+from conftest import API_KEY, Clock, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 import edrv_auth
 from edrv_auth import EdrvAuth, EdrvAuthError
-
-MakeAuth = Callable[..., EdrvAuth]
 
 pytestmark = pytest.mark.timeout(30)
 

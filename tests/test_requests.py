@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, LeakWatch
+from conftest import API_KEY, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
 
 
 @pytest.fixture

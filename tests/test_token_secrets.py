@@ -13,18 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT_ID, LeakWatch
+from conftest import CLIENT_ID, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
 
 import edrv_auth
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
 
 #: A secret with characters that URL-encoding and HTML escape.
 SECRET = "test-Secret/Canary+9=x"
