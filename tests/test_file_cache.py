@@ -219,6 +219,22 @@ def test_concurrent_reader_never_sees_half_a_file(make_auth: MakeAuth) -> None:
     assert _temporaries(cache.directory) == []
 
 
+def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """Old temporary files (a writer killed before its rename) go at the next write."""
+    import os
+
+    auth = make_auth()
+    auth._cache.ensure_dir()
+    old = auth._cache.directory / f".{auth._cache.path.name}.4242.deadbeef"
+    fresh = auth._cache.directory / f".{auth._cache.path.name}.4243.cafebabe"
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"{")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    auth.get_token()
+    assert not old.exists()
+    assert fresh.exists()  # may still belong to a writer at work
+
+
 # ---- untrusted files -------------------------------------------------------
 
 

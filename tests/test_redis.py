@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, Clock, LeakWatch
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, Clock, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 from redis_server import RedisServer, redis_data
 
@@ -338,6 +338,36 @@ def test_a_flushed_redis_does_not_cost_a_token_request(
         client.close()
     assert machine(cache_dir=tmp_path / "kept").get_token() == token
     assert fake.token_requests == 1
+
+
+@pytest.mark.needs_redis
+def test_cap_record_is_mirrored_to_the_file(
+    fake: FakeEdrv, make_auth: MakeAuth, tmp_path: Path, clean_env: Path
+) -> None:
+    """What the Redis store holds is copied to the file, so a fallback keeps the cap's count."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    from redis_server import RedisServer
+
+    try:
+        server = RedisServer().start()
+    except FileNotFoundError:
+        pytest.skip("redis-server is not installed")
+    fake.reject_all = True
+    try:
+        auth = make_auth(redis_url=server.url)
+        with requests.Session() as session:
+            for _ in range(6):
+                session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+        assert fake.token_requests == 5
+        server.stop()
+        fallback = make_auth(redis_url=server.url)
+        with requests.Session() as session:
+            for _ in range(6):
+                session.get(f"{fake.url}/v1.1/x", auth=fallback, timeout=5)
+    finally:
+        server.stop()
+    assert fake.token_requests == 5
+    assert edrv_auth._parse_state(fallback._cache.path.read_bytes()) is not None
 
 
 # ---- what is read back is checked like the file ------------------------------------

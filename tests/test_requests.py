@@ -274,3 +274,52 @@ def test_callers_session_and_headers_are_untouched(fake: FakeEdrv, make_auth: Ma
         assert dict(s.headers) == before
         assert s.auth is None
     assert "X-Custom" not in str(fake.token_forms)
+
+
+@pytest.mark.parametrize("code", [302, 303])
+def test_redirect_that_drops_the_body_then_401_is_retried(
+    fake: FakeEdrv, make_auth: MakeAuth, code: int
+) -> None:
+    """A file body POSTed into a 302/303 (which becomes a GET) then a 401: one clean retry."""
+    auth = make_auth()
+    auth.get_token()
+    fake.expire_all()
+    target = f"{fake.url}/v1.1/x"
+    response = requests.post(
+        f"{fake.url}/redirect",
+        params={"to": target, "code": str(code)},
+        data=io.BytesIO(b"payload"),
+        auth=auth,
+        timeout=5,
+    )
+    assert response.status_code == 200
+    assert fake.token_requests == 2
+
+
+def test_no_second_retry_after_a_redirect(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """401, retry, 302, then 401 again: the caller gets that 401; no second retry."""
+    auth = make_auth()
+    auth.get_token()
+    fake.queue_api_response(401, {"ok": False, "message": "jwt expired", "result": None})
+    fake.queue_api_response(302, "", {"Location": f"{fake.url}/v1.1/b"})
+    fake.queue_api_response(401, {"ok": False, "message": "jwt expired", "result": None})
+    fake.expire_all()
+    response = requests.get(f"{fake.url}/v1.1/a", auth=auth, timeout=5)
+    assert response.status_code == 401
+    assert fake.api_requests == 3
+    assert fake.token_requests == 2
+    # The redirect carried the new token, not the one already rejected.
+    assert fake.api_auth_headers[2] == f"Bearer {auth.get_token()}"
+
+
+@pytest.mark.parametrize("body", [bytearray(b"payload"), memoryview(b"payload")])
+def test_bytearray_and_memoryview_bodies_are_replayed(
+    fake: FakeEdrv, make_auth: MakeAuth, body: object
+) -> None:
+    """In-memory bodies of any bytes-like type are re-sent once after a 401."""
+    auth = make_auth()
+    auth.get_token()
+    fake.expire_all()
+    response = requests.post(f"{fake.url}/v1.1/x", data=body, auth=auth, timeout=5)
+    assert response.status_code == 200
+    assert fake.api_bodies == [b"payload", b"payload"]

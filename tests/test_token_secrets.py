@@ -152,6 +152,25 @@ def test_rfc_error_codes_are_shown(
     assert f"HTTP 400 {code}: see the docs" in str(exc)
 
 
+def test_url_encoded_secret_never_reaches_a_message(
+    fake: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch
+) -> None:
+    """A proxy echoing the form (secret URL-encoded) does not put it in the error."""
+    secret = "test/secret+canary=9"
+    leak_watch.secrets.update({secret, "test%2Fsecret%2Bcanary%3D9"})
+    fake.queue_token_response(
+        400,
+        {
+            "error": "invalid_request",
+            "error_description": "bad body: client_secret=test%2Fsecret%2Bcanary%3D9",
+        },
+    )
+    with pytest.raises(TokenRequestError) as caught:
+        make_auth(client_secret=secret).get_token()
+    assert "client_secret=***" in str(caught.value)
+    assert leak_watch.leaks(str(caught.value)) == []
+
+
 # ---- URLs with a user name or password ---------------------------------------------------
 
 

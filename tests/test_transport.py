@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
 from transport_helpers import ConnectProxy, DripServer, TestCA
@@ -730,6 +730,19 @@ def test_debuglevel_set_by_the_user_never_prints_the_form(
     out, err = capsys.readouterr()
     assert CLIENT_SECRET not in out + err
     assert "client_secret" not in out + err
+
+
+def test_timeout_bounds_the_whole_answer(make_auth: MakeAuth, no_sleep: list[float]) -> None:
+    """A server dripping its answer cannot stretch one attempt past `timeout`."""
+    drip = DripServer("body").start()
+    try:
+        auth = make_auth(token_url=drip.token_url, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(TokenRequestError, match="timed out"):
+            auth.get_token()
+    finally:
+        drip.stop()
+    assert time.monotonic() - started < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
 
 
 # ---- retries: Retry-After, the overall deadline, jitter ----------------------------------
