@@ -134,43 +134,49 @@ def leak_watch() -> Iterator[LeakWatch]:
     assert watch.leaks() == [], "a secret or token reached the edrv_auth log"
 
 
+def serve_watched(server: FakeEdrv, leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
+    """Run ``server`` for one test; the tokens it issued are added to the leak watch."""
+    try:
+        with server:
+            yield server
+    finally:
+        leak_watch.secrets.update(server.issued_tokens)
+
+
 @pytest.fixture
 def fake(leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
     """A running fake eDRV whose issued tokens are added to the leak watch."""
-    server = FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        leak_watch.secrets.update(server.issued_tokens)
+    yield from serve_watched(FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET), leak_watch)
 
 
 @pytest.fixture
 def other() -> Iterator[FakeEdrv]:
     """A second server: another origin (same host 127.0.0.1, another port)."""
-    server = FakeEdrv().start()
-    try:
+    with FakeEdrv() as server:
         yield server
-    finally:
-        server.stop()
 
 
-@pytest.fixture
-def make_auth(fake: FakeEdrv, clean_env: Path) -> MakeAuth:
-    """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
+def auth_maker(server: FakeEdrv, **defaults: Any) -> MakeAuth:
+    """Build EdrvAuth instances pointed at ``server``, with ``defaults`` then overrides."""
 
     def make(**overrides: Any) -> edrv_auth.EdrvAuth:
         options: dict[str, Any] = {
             "client_id": CLIENT_ID,
             "client_secret": CLIENT_SECRET,
-            "token_url": fake.token_url,
-            "api_url": fake.url,
-            "cache_dir": clean_env,
+            "token_url": server.token_url,
+            "api_url": server.url,
+            **defaults,
+            **overrides,
         }
-        options.update(overrides)
         return edrv_auth.EdrvAuth(**options)
 
     return make
+
+
+@pytest.fixture
+def make_auth(fake: FakeEdrv, clean_env: Path) -> MakeAuth:
+    """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
+    return auth_maker(fake, cache_dir=clean_env)
 
 
 @pytest.fixture

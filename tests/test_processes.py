@@ -28,7 +28,7 @@ import _proc_worker
 import filelock
 import pytest
 import requests
-from conftest import ROOT, LeakWatch
+from conftest import ROOT, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -177,7 +177,7 @@ def test_cold_herd_of_processes_and_threads_makes_one_token_request(
 
 
 def test_new_process_with_warm_cache_makes_no_token_request(
-    fake_env: FakeEdrv, children: Children, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """A new process that finds a valid token in the cache file uses it and asks for none."""
     token = make_auth().get_token()
@@ -215,7 +215,7 @@ def test_concurrent_401s_across_processes_cause_one_token_request(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
 ) -> None:
     """24 callers in 6 processes rejected with one expired token cause one new token request."""
     old = make_auth().get_token()
@@ -262,7 +262,7 @@ def spawn_pool() -> Iterator[Any]:
 
 
 def test_auth_pickles_without_token_and_works_in_spawn_worker(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A used EdrvAuth pickles without its token and, in a spawn worker, reuses the cached one."""
     auth = make_auth()
@@ -278,7 +278,7 @@ def test_auth_pickles_without_token_and_works_in_spawn_worker(
 
 
 def test_token_request_error_crosses_spawn_pool_intact(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth], leak_watch: LeakWatch
+    fake: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch
 ) -> None:
     """A TokenRequestError raised in a spawn worker reaches the parent with its status and error."""
     fake.queue_token_response(401, {"error": "access_denied", "error_description": "Unauthorized"})
@@ -325,9 +325,7 @@ def child_clear_and_get(auth: edrv_auth.EdrvAuth, writer: Connection) -> None:
 
 @fork_ok
 @pytest.mark.needs_fork
-def test_forked_child_reuses_inherited_token(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_forked_child_reuses_inherited_token(fake: FakeEdrv, make_auth: MakeAuth) -> None:
     """A forked child authenticates with the instance's in-memory token and asks for none."""
     auth = make_auth()
     token = auth.get_token()
@@ -342,7 +340,7 @@ def test_forked_child_reuses_inherited_token(
 @fork_ok
 @pytest.mark.needs_fork
 def test_thread_lock_held_at_fork_does_not_deadlock_child(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A child forked while another thread holds the in-process lock can clear and get a token."""
     auth = make_auth()
@@ -374,7 +372,7 @@ def test_thread_lock_held_at_fork_does_not_deadlock_child(
 @fork_ok
 @pytest.mark.needs_fork
 def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A child forked while the parent holds the cache lock waits for it, then proceeds."""
     auth = make_auth()
@@ -404,7 +402,7 @@ def test_sigkilled_lock_holder_releases_the_lock_at_once(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
 ) -> None:
     """After the process holding the cache lock is SIGKILLed, a token comes at once."""
     holder = start_lock_holder(children, tmp_path)
@@ -440,7 +438,7 @@ def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
 ) -> None:
     """With the lock held by a stopped process, a process needing a token fails on the timeout."""
     holder = start_lock_holder(children, tmp_path)
@@ -456,7 +454,7 @@ def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
 ) -> None:
     """A valid cached token is read at once even while a hung process holds the lock."""
     token = make_auth().get_token()
@@ -472,7 +470,7 @@ def test_lock_timeout_raises_edrv_auth_error_chained_from_filelock(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The lock timeout raises EdrvAuthError (not filelock.Timeout), chained from the timeout."""
