@@ -29,7 +29,16 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch, MakeAuth, auth_maker, serve_watched
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    ROOT,
+    LeakWatch,
+    MakeAuth,
+    auth_maker,
+    run_python,
+    serve_watched,
+)
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
 from transport_helpers import ConnectProxy, DripServer, TestCA
@@ -210,14 +219,7 @@ def test_certifi_is_the_default_trust(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env["PYTHONPATH"] = str(ROOT)
     args = [str(ca.bundle), CLIENT_SECRET, tls_fake.url, str(clean_env), library]
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    result = run_python("-c", code, *args, env=env)
     assert (result.returncode, result.stdout.strip()) == (0, "200"), result.stderr
     assert tls_fake.token_requests == 1
 
