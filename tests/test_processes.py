@@ -49,7 +49,8 @@ def digest(token: str) -> str:
 class Children:
     """Worker-script children; whatever happens, each is killed if alive and reaped."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder  # where children leave files for the test
         self.procs: list[subprocess.Popen[str]] = []
         self.outputs: list[str] = []
 
@@ -94,9 +95,9 @@ class Children:
 
 
 @pytest.fixture
-def children(fake: FakeEdrv, leak_watch: LeakWatch) -> Iterator[Children]:
+def children(fake: FakeEdrv, leak_watch: LeakWatch, tmp_path: Path) -> Iterator[Children]:
     """Script children, reaped at the end; their output must hold no secret and no token."""
-    kids = Children()
+    kids = Children(tmp_path)
     try:
         yield kids
     finally:
@@ -148,11 +149,16 @@ def herd_results(children: Children, procs: list[subprocess.Popen[str]]) -> dict
     return merged
 
 
-def start_lock_holder(children: Children, tmp_path: Path) -> subprocess.Popen[str]:
-    """Start a child that takes the token cache lock and keeps it; return once it holds it."""
-    ready = tmp_path / "holding"
+def start_lock_holder(children: Children, *, hung: bool = False) -> subprocess.Popen[str]:
+    """Start a child that takes the token cache lock and keeps it; return once it holds it.
+
+    ``hung``: then stop it (SIGSTOP), as a process that hangs while holding the lock.
+    """
+    ready = children.folder / "holding"
     holder = children.start("hold-lock", "--ready", str(ready))
     wait_until(ready.exists, "the child holds the lock", [holder])
+    if hung:
+        os.kill(holder.pid, signal.SIGSTOP)
     return holder
 
 
@@ -399,13 +405,10 @@ def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
 
 
 def test_sigkilled_lock_holder_releases_the_lock_at_once(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: MakeAuth,
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """After the process holding the cache lock is SIGKILLed, a token comes at once."""
-    holder = start_lock_holder(children, tmp_path)
+    holder = start_lock_holder(children)
     auth = make_auth()
     probe = auth._cache.make_lock()
     with pytest.raises(filelock.Timeout):
@@ -435,14 +438,10 @@ def test_process_killed_mid_token_request_does_not_block_the_next(
 
 
 def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: MakeAuth,
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """With the lock held by a stopped process, a process needing a token fails on the timeout."""
-    holder = start_lock_holder(children, tmp_path)
-    os.kill(holder.pid, signal.SIGSTOP)
+    start_lock_holder(children, hung=True)
     report = children.result(children.start("token", "--lock-timeout", "1.0"))
     assert report["error"] == "EdrvAuthError"
     assert str(make_auth()._cache.lock_path) in report["message"]
@@ -451,15 +450,11 @@ def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
 
 
 def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: MakeAuth,
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """A valid cached token is read at once even while a hung process holds the lock."""
     token = make_auth().get_token()
-    holder = start_lock_holder(children, tmp_path)
-    os.kill(holder.pid, signal.SIGSTOP)
+    start_lock_holder(children, hung=True)
     report = children.result(children.start("token"))  # default 30 s lock timeout
     assert report["token_sha256"] == digest(token)
     assert report["elapsed"] < 5.0
@@ -467,15 +462,11 @@ def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
 
 
 def test_lock_timeout_raises_edrv_auth_error_chained_from_filelock(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: MakeAuth,
-    monkeypatch: pytest.MonkeyPatch,
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lock timeout raises EdrvAuthError (not filelock.Timeout), chained from the timeout."""
     monkeypatch.setattr(edrv_auth, "_LOCK_TIMEOUT", 0.3)
-    start_lock_holder(children, tmp_path)
+    start_lock_holder(children)
     with pytest.raises(EdrvAuthError, match="token cache lock") as caught:
         make_auth().get_token()
     assert type(caught.value) is EdrvAuthError
