@@ -244,14 +244,7 @@ def test_redis_down_falls_back_to_the_local_cache_with_one_warning(
 ) -> None:
     """Stopping Redis mid-run fails no request; the fallback is logged once."""
     server = redis_server
-    auth = edrv_auth.EdrvAuth(
-        CLIENT_ID,
-        CLIENT_SECRET,
-        token_url=fake.token_url,
-        api_url=fake.url,
-        cache_dir=tmp_path / "local",
-        redis_url=server.url,
-    )
+    auth = auth_maker(fake, cache_dir=tmp_path / "local")(redis_url=server.url)
     try:
         with requests.Session() as session:
             assert session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
@@ -278,19 +271,11 @@ def test_unreachable_redis_from_the_start_never_fails_a_request(
     """A Redis URL nobody listens on: requests work from the file cache."""
     from redis_server import free_port
 
-    auth = edrv_auth.EdrvAuth(
-        CLIENT_ID,
-        CLIENT_SECRET,
-        token_url=fake.token_url,
-        api_url=fake.url,
-        cache_dir=tmp_path / "local",
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
-    )
+    local = auth_maker(fake, cache_dir=tmp_path / "local")
+    auth = local(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     assert requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
-    assert edrv_auth.EdrvAuth(
-        CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
-        cache_dir=tmp_path / "local", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-    ).get_token() == auth.get_token()  # fmt: skip
+    other = local(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert other.get_token() == auth.get_token()
     assert fake.token_requests == 1
 
 
