@@ -21,6 +21,15 @@ def session() -> Iterator[requests.Session]:
         yield s
 
 
+@pytest.fixture
+def rejected_auth(fake: FakeEdrv, make_auth: MakeAuth) -> EdrvAuth:
+    """An EdrvAuth holding a token the fake has since expired: its next call gets a 401."""
+    auth = make_auth()
+    auth.get_token()
+    fake.expire_all()
+    return auth
+
+
 def test_first_request_fetches_one_token_and_sends_it(fake: FakeEdrv, make_auth: MakeAuth) -> None:
     """The first call makes one token request and sends `Authorization: Bearer <token>`."""
     auth = make_auth()
@@ -86,12 +95,10 @@ def test_there_is_never_a_second_retry(
 
 
 def test_file_body_is_rewound_for_the_retry(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
 ) -> None:
     """A seekable body is replayed from where it started, not from where it ended."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     body = io.BytesIO(b"skip:the-real-body")
     body.seek(5)
     response = session.put(f"{fake.url}/v1.1/x", data=body, auth=auth, timeout=5)
@@ -100,12 +107,10 @@ def test_file_body_is_rewound_for_the_retry(
 
 
 def test_generator_body_is_never_sent_twice(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
 ) -> None:
     """A body that cannot be replayed is sent once, and the caller gets the 401."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
 
     def chunks() -> Iterator[bytes]:
         yield b"one-"
@@ -118,12 +123,10 @@ def test_generator_body_is_never_sent_twice(
 
 
 def test_concurrent_401s_with_one_token_cause_one_token_request(
-    fake: FakeEdrv, make_auth: MakeAuth
+    fake: FakeEdrv, rejected_auth: EdrvAuth
 ) -> None:
     """16 threads rejected with the same token share one new token."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     fake.token_delay = 0.2  # keep the refresh in flight while the others arrive
     barrier = threading.Barrier(16)
     statuses: list[int] = []
@@ -251,12 +254,10 @@ def test_api_key_mode_still_pins_the_origin(fake: FakeEdrv, other: FakeEdrv) -> 
 
 
 def test_token_failure_on_retry_raises_and_frees_the_connection(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session, no_sleep: list[float]
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session, no_sleep: list[float]
 ) -> None:
     """If the token endpoint fails during a retry, the caller gets TokenRequestError."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     fake.queue_token_response(401, {"error": "access_denied", "error_description": "Unauthorized"})
     with pytest.raises(TokenRequestError) as caught:
         session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
@@ -278,12 +279,10 @@ def test_callers_session_and_headers_are_untouched(fake: FakeEdrv, make_auth: Ma
 
 @pytest.mark.parametrize("code", [302, 303])
 def test_redirect_that_drops_the_body_then_401_is_retried(
-    fake: FakeEdrv, make_auth: MakeAuth, code: int
+    fake: FakeEdrv, rejected_auth: EdrvAuth, code: int
 ) -> None:
     """A file body POSTed into a 302/303 (which becomes a GET) then a 401: one clean retry."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     target = f"{fake.url}/v1.1/x"
     response = requests.post(
         f"{fake.url}/redirect",
@@ -314,12 +313,10 @@ def test_no_second_retry_after_a_redirect(fake: FakeEdrv, make_auth: MakeAuth) -
 
 @pytest.mark.parametrize("body", [bytearray(b"payload"), memoryview(b"payload")])
 def test_bytearray_and_memoryview_bodies_are_replayed(
-    fake: FakeEdrv, make_auth: MakeAuth, body: object
+    fake: FakeEdrv, rejected_auth: EdrvAuth, body: object
 ) -> None:
     """In-memory bodies of any bytes-like type are re-sent once after a 401."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     response = requests.post(f"{fake.url}/v1.1/x", data=body, auth=auth, timeout=5)
     assert response.status_code == 200
     assert fake.api_bodies == [b"payload", b"payload"]
