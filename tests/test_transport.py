@@ -78,6 +78,13 @@ def make_tls_auth(tls_fake: FakeEdrv, clean_env: Path) -> MakeAuth:
 
 
 @pytest.fixture
+def ca_in_env(ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust the CA through the environment, for requests and httpx alike."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
+
+
+@pytest.fixture
 def proxy() -> Iterator[ConnectProxy]:
     with ConnectProxy() as server:
         yield server
@@ -384,10 +391,10 @@ def test_pickling_with_a_verify_context_fails_clearly(make_tls_auth: MakeAuth, c
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"])
+@pytest.mark.usefixtures("ca_in_env")
 def test_proxy_variable_routes_the_token_request_through_a_tunnel(
     make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
-    ca: TestCA,
     proxy: ConnectProxy,
     monkeypatch: pytest.MonkeyPatch,
     library: str,
@@ -395,8 +402,6 @@ def test_proxy_variable_routes_the_token_request_through_a_tunnel(
 ) -> None:
     """HTTPS_PROXY or ALL_PROXY: the token request and the API call both tunnel through it."""
     monkeypatch.setenv(variable, proxy.url)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
     auth = make_tls_auth()
     auth.get_token()  # the token request alone: one tunnel
     authority = tls_fake.url.removeprefix("https://")
@@ -408,10 +413,10 @@ def test_proxy_variable_routes_the_token_request_through_a_tunnel(
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("no_proxy", ["localhost", "*", ".localhost", "127.0.0.1"])
+@pytest.mark.usefixtures("ca_in_env")
 def test_no_proxy_naming_the_host_goes_direct(
     make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
-    ca: TestCA,
     proxy: ConnectProxy,
     monkeypatch: pytest.MonkeyPatch,
     library: str,
@@ -427,8 +432,6 @@ def test_no_proxy_naming_the_host_goes_direct(
     monkeypatch.setenv("ALL_PROXY", proxy.url)
     # requests honours "*" only as the whole value
     monkeypatch.setenv("NO_PROXY", no_proxy if no_proxy == "*" else f"example.com, {no_proxy}")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
     auth = make_tls_auth()
     auth.get_token()
     tunnelled = no_proxy == "127.0.0.1"
