@@ -125,13 +125,17 @@ class Settings:
 
 
 @contextlib.contextmanager
-def fake_edrv(token_delay: float = 0.0) -> Iterator[tuple[FakeEdrv, Path]]:
-    """Start the tests' fake eDRV on 127.0.0.1 and make a scratch folder for caches."""
+def fake_edrv(token_delay: float = 0.0) -> Iterator[tuple[FakeEdrv, Path, bool]]:
+    """Start the tests' fake eDRV on 127.0.0.1 and make a scratch folder for caches.
+
+    Yields the fake, the folder, and whether peers need the Basic-auth shim (the fake does
+    not take HTTP Basic client credentials: :func:`fake_accepts_basic`).
+    """
     scratch = Path(tempfile.mkdtemp(prefix="edrv-bench-"))
     fake = FakeEdrv(host="127.0.0.1").start()
     try:
         fake.token_delay = token_delay
-        yield fake, scratch
+        yield fake, scratch, not fake_accepts_basic(fake)
     finally:
         fake.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -425,3 +429,16 @@ def machine() -> dict[str, Any]:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def finish(
+    json_path: str | None, benchmark: str, checks: Sequence[dict[str, Any]], **parts: Any
+) -> None:
+    """Print the target checks, then write the JSON result (``--json``), if asked for.
+
+    The result holds the benchmark's name, :func:`machine`, the ``parts`` (rows, runs,
+    notes...) and the target checks.
+    """
+    print_targets(checks)
+    data = {"benchmark": benchmark, "machine": machine(), **parts, "targets": list(checks)}
+    write_json(json_path, data)
