@@ -1,4 +1,4 @@
-"""The token core's decisions: the storm cap's accounting, and the shared state.
+"""The token core's decisions: when to refresh, the storm cap's accounting, the shared state.
 
 The clock is injected (`clock` fixture); no test sleeps to reach an expiry.
 """

@@ -1,4 +1,4 @@
-"""Cross-process behaviour with real processes against the fake.
+"""Processes share one token, one lock and one storm cap, and survive their peers dying.
 
 The fake eDRV runs in the pytest process; children (scripts running ``tests/_proc_worker.py``,
 ``multiprocessing`` spawn pools, forked children) call it over loopback HTTP, and the tests
@@ -162,7 +162,7 @@ def start_lock_holder(children: Children, *, hung: bool = False) -> subprocess.P
     return holder
 
 
-# ---- One token for many processes (behaviour 2) ------------------------------
+# ---- One token for many processes -------------------------------------------
 
 
 def test_cold_herd_of_processes_and_threads_makes_one_token_request(
@@ -214,7 +214,7 @@ def test_requests_and_httpx_processes_share_one_token(
     assert len(set(fake_env.api_auth_headers)) == 1
 
 
-# ---- Compare-and-swap on 401, and the shared storm cap (behaviours 4, 5) ------
+# ---- Compare-and-swap on 401, and the shared storm cap ----------------------
 
 
 def test_concurrent_401s_across_processes_cause_one_token_request(
@@ -254,7 +254,7 @@ def test_storm_cap_is_shared_across_processes(
     assert fake_env.token_requests == edrv_auth._MAX_TOKEN_REQUESTS == 5
 
 
-# ---- Pickling for multiprocessing spawn (behaviour 12) -----------------------
+# ---- Pickling for multiprocessing spawn ------------------------------------
 
 
 @contextlib.contextmanager
@@ -297,7 +297,7 @@ def test_token_request_error_crosses_spawn_pool_intact(
     assert_no_leaks(leak_watch, fake, str(caught.value))
 
 
-# ---- fork (behaviour 12) -----------------------------------------------------
+# ---- fork ------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -401,7 +401,7 @@ def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
     assert new == digest(make_auth().get_token())
 
 
-# ---- Dead and hung lock holders (behaviour 6) ---------------------------------
+# ---- Dead and hung lock holders ---------------------------------------------
 
 
 def test_sigkilled_lock_holder_releases_the_lock_at_once(
