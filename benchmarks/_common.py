@@ -43,7 +43,7 @@ for _path in (str(BENCH_DIR), str(ROOT / "tests"), str(MODULE_DIR)):
         sys.path.remove(_path)
     sys.path.insert(0, _path)  # the module folder ends up first
 
-from fake_edrv import FakeEdrv  # noqa: E402
+from fake_edrv import PROXY_VARIABLES, FakeEdrv  # noqa: E402
 
 #: The API path every benchmark request asks for (the fake answers any /v1.1/... path).
 API_PATH = "/v1.1/chargestations"
@@ -51,16 +51,7 @@ API_PATH = "/v1.1/chargestations"
 PEERS = {"authlib": "authlib", "requests_auth": "requests-auth", "httpx_auth": "httpx-auth"}
 
 _CLEARED_PREFIXES = ("EDRV_", "BENCH_")
-_CLEARED_NAMES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-)
+_CLEARED_NAMES = PROXY_VARIABLES
 
 
 # ---- Settings shared with child processes ----------------------------------

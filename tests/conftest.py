@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # tests import the fake server as `fake_edrv`
 
-from fake_edrv import FakeEdrv  # noqa: E402
+from fake_edrv import PROXY_VARIABLES, FakeEdrv  # noqa: E402
 
 import edrv_auth  # noqa: E402
 
@@ -71,14 +71,7 @@ def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 _CLEARED_PREFIXES = ("EDRV_",)
 _CLEARED_NAMES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
+    *PROXY_VARIABLES,
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "SSL_CERT_FILE",
@@ -198,10 +191,8 @@ def make_auth(fake: FakeEdrv, clean_env: Path) -> MakeAuth:
 @pytest.fixture
 def fake_env(fake: FakeEdrv, monkeypatch: pytest.MonkeyPatch) -> FakeEdrv:
     """Point the EDRV_* variables at the fake (for child processes and the CLI)."""
-    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
-    monkeypatch.setenv("EDRV_TOKEN_URL", fake.token_url)
-    monkeypatch.setenv("EDRV_API_URL", fake.url)
+    for name, value in fake.environment().items():
+        monkeypatch.setenv(name, value)
     return fake
 
 

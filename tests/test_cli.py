@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, CLIENT_ID, LeakWatch, run_python
+from conftest import API_KEY, LeakWatch, run_python
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -94,13 +94,7 @@ def test_expected_failures_are_one_line_without_traceback(
     from conftest import CLIENT_SECRET
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDRV_")}
-    env.update(
-        EDRV_CLIENT_ID=CLIENT_ID,
-        EDRV_CLIENT_SECRET=CLIENT_SECRET,
-        EDRV_TOKEN_URL=fake.token_url,
-        EDRV_API_URL=fake.url,
-        EDRV_AUTH_CACHE_DIR=str(clean_env),
-    )
+    env.update(fake.environment(clean_env))
     if setup == "no-credentials":
         del env["EDRV_CLIENT_ID"], env["EDRV_CLIENT_SECRET"]
     elif setup == "wrong-secret":

@@ -98,12 +98,8 @@ def start_machines(
     for i in range(count):
         child_env = dict(
             os.environ,
-            EDRV_CLIENT_ID=CLIENT_ID,
-            EDRV_CLIENT_SECRET=CLIENT_SECRET,
-            EDRV_TOKEN_URL=fake.token_url,
-            EDRV_API_URL=fake.url,
+            **fake.environment(tmp_path / f"proc-{i}"),
             EDRV_AUTH_REDIS_URL=redis_url,
-            EDRV_AUTH_CACHE_DIR=str(tmp_path / f"proc-{i}"),
             **env,
         )
         ready = tmp_path / f"ready-{i}"
