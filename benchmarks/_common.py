@@ -43,7 +43,7 @@ for _path in (str(BENCH_DIR), str(ROOT / "tests"), str(MODULE_DIR)):
         sys.path.remove(_path)
     sys.path.insert(0, _path)  # the module folder ends up first
 
-from fake_edrv import FakeEdrv  # noqa: E402
+from fake_edrv import PROXY_VARIABLES, FakeEdrv  # noqa: E402
 
 #: The API path every benchmark request asks for (the fake answers any /v1.1/... path).
 API_PATH = "/v1.1/chargestations"
@@ -51,16 +51,7 @@ API_PATH = "/v1.1/chargestations"
 PEERS = {"authlib": "authlib", "requests_auth": "requests-auth", "httpx_auth": "httpx-auth"}
 
 _CLEARED_PREFIXES = ("EDRV_", "BENCH_")
-_CLEARED_NAMES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-)
+_CLEARED_NAMES = PROXY_VARIABLES
 
 
 # ---- Settings shared with child processes ----------------------------------
@@ -125,13 +116,17 @@ class Settings:
 
 
 @contextlib.contextmanager
-def fake_edrv(token_delay: float = 0.0) -> Iterator[tuple[FakeEdrv, Path]]:
-    """Start the tests' fake eDRV on 127.0.0.1 and make a scratch folder for caches."""
+def fake_edrv(token_delay: float = 0.0) -> Iterator[tuple[FakeEdrv, Path, bool]]:
+    """Start the tests' fake eDRV on 127.0.0.1 and make a scratch folder for caches.
+
+    Yields the fake, the folder, and whether peers need the Basic-auth shim (the fake does
+    not take HTTP Basic client credentials: :func:`fake_accepts_basic`).
+    """
     scratch = Path(tempfile.mkdtemp(prefix="edrv-bench-"))
     fake = FakeEdrv(host="127.0.0.1").start()
     try:
         fake.token_delay = token_delay
-        yield fake, scratch
+        yield fake, scratch, not fake_accepts_basic(fake)
     finally:
         fake.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -425,3 +420,16 @@ def machine() -> dict[str, Any]:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def finish(
+    json_path: str | None, benchmark: str, checks: Sequence[dict[str, Any]], **parts: Any
+) -> None:
+    """Print the target checks, then write the JSON result (``--json``), if asked for.
+
+    The result holds the benchmark's name, :func:`machine`, the ``parts`` (rows, runs,
+    notes...) and the target checks.
+    """
+    print_targets(checks)
+    data = {"benchmark": benchmark, "machine": machine(), **parts, "targets": list(checks)}
+    write_json(json_path, data)

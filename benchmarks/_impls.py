@@ -23,7 +23,7 @@ Each one is set up the way its documentation suggests for a client-credentials t
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,22 @@ def _httpx_getter(client: Any, url: str) -> Getter:
 # ---- The physical limit ----------------------------------------------------
 
 
+def _static_header(token: str) -> Callable[[Any], object]:
+    """Set ``Authorization: Bearer <token>`` on a request by hand, the floor of any auth."""
+    header = f"Bearer {token}"
+
+    def by_hand(request: Any) -> object:
+        request.headers["Authorization"] = header
+        return request
+
+    return by_hand
+
+
+def _first_step(flow: Callable[[Any], Any]) -> Callable[[Any], object]:
+    """Run an httpx auth flow up to its first yield (which sets the request's headers)."""
+    return lambda request: (step := flow(request), next(step))[0]
+
+
 class StaticRequests(Impl):
     name, library = "static/requests", "requests"
 
@@ -111,13 +127,7 @@ class StaticRequests(Impl):
         return _requests_getter(session, self.settings.url)
 
     def apply(self) -> Callable[[Any], object]:
-        header = f"Bearer {self.settings.static_token}"
-
-        def by_hand(request: Any) -> object:
-            request.headers["Authorization"] = header
-            return request
-
-        return by_hand
+        return _static_header(self.settings.static_token)
 
 
 class StaticHttpx(Impl):
@@ -130,13 +140,7 @@ class StaticHttpx(Impl):
         return _httpx_getter(client, self.settings.url)
 
     def apply(self) -> Callable[[Any], object]:
-        header = f"Bearer {self.settings.static_token}"
-
-        def by_hand(request: Any) -> object:
-            request.headers["Authorization"] = header
-            return request
-
-        return by_hand
+        return _static_header(self.settings.static_token)
 
 
 # ---- edrv_auth ---------------------------------------------------------------
@@ -165,8 +169,7 @@ class EdrvHttpx(EdrvRequests):
         return _httpx_getter(self._httpx_client(auth=self.auth), self.settings.url)
 
     def apply(self) -> Callable[[Any], object]:
-        flow = self.auth.sync_auth_flow
-        return lambda request: (step := flow(request), next(step))[0]
+        return _first_step(self.auth.sync_auth_flow)
 
 
 # ---- Naive: fetch once per process -------------------------------------------
@@ -271,26 +274,30 @@ class AuthlibHttpx(Impl):
         return _httpx_getter(self.client, self.settings.url)
 
     def apply(self) -> Callable[[Any], object]:
-        flow = self.client.token_auth.sync_auth_flow
-        return lambda request: (step := flow(request), next(step))[0]
+        return _first_step(self.client.token_auth.sync_auth_flow)
 
 
 # ---- requests-auth and httpx-auth ---------------------------------------------
 
 
-def requests_auth_peer(settings: Settings) -> Any:
-    """requests-auth's client-credentials auth with its JSON file cache."""
-    import requests_auth
-
-    path = Path(settings.cache_dir) / "requests_auth_tokens.json"
-    requests_auth.OAuth2.token_cache = requests_auth.JsonTokenFileCache(str(path))
-    auth = requests_auth.OAuth2ClientCredentials(
+def _client_credentials(module: Any, settings: Settings) -> Any:
+    """``module``'s (requests_auth or httpx_auth) client-credentials auth, JSON file cache."""
+    path = Path(settings.cache_dir) / f"{module.__name__}_tokens.json"
+    module.OAuth2.token_cache = module.JsonTokenFileCache(str(path))
+    return module.OAuth2ClientCredentials(
         settings.token_url,
         settings.client_id,
         settings.client_secret,
         audience=settings.audience,
         timeout=int(REQUEST_TIMEOUT),
     )
+
+
+def requests_auth_peer(settings: Settings) -> Any:
+    """requests-auth's client-credentials auth with its JSON file cache."""
+    import requests_auth
+
+    auth = _client_credentials(requests_auth, settings)
     if settings.basic_shim:
         auth.session.auth = None  # it set (client_id, client_secret): HTTP Basic
         auth.data.update(client_id=settings.client_id, client_secret=settings.client_secret)
@@ -301,15 +308,7 @@ def httpx_auth_peer(settings: Settings) -> Any:
     """httpx-auth's client-credentials auth with its JSON file cache."""
     import httpx_auth
 
-    path = Path(settings.cache_dir) / "httpx_auth_tokens.json"
-    httpx_auth.OAuth2.token_cache = httpx_auth.JsonTokenFileCache(str(path))
-    auth = httpx_auth.OAuth2ClientCredentials(
-        settings.token_url,
-        settings.client_id,
-        settings.client_secret,
-        audience=settings.audience,
-        timeout=int(REQUEST_TIMEOUT),
-    )
+    auth = _client_credentials(httpx_auth, settings)
     if settings.basic_shim:
 
         def configure(client: Any) -> None:  # its own sets client.auth = (id, secret): Basic
@@ -345,8 +344,7 @@ class HttpxAuth(Impl):
         return _httpx_getter(self._httpx_client(auth=self.auth), self.settings.url)
 
     def apply(self) -> Callable[[Any], object]:
-        flow = self.auth.sync_auth_flow
-        return lambda request: (step := flow(request), next(step))[0]
+        return _first_step(self.auth.sync_auth_flow)
 
 
 IMPLS: dict[str, type[Impl]] = {
@@ -364,6 +362,17 @@ IMPLS: dict[str, type[Impl]] = {
     )
 }
 
+#: The implementations that fetch tokens (all but the static header), in table order.
+TOKEN_FETCHERS = [
+    "edrv_auth/requests",
+    "edrv_auth/httpx",
+    "naive/requests",
+    "authlib/requests",
+    "authlib/httpx",
+    "requests-auth",
+    "httpx-auth",
+]
+
 
 def missing_peer(name: str) -> str | None:
     """The PyPI name of the peer an implementation needs, if it is not installed."""
@@ -371,3 +380,15 @@ def missing_peer(name: str) -> str | None:
 
     peer = IMPLS[name].peer
     return PEERS[peer] if peer is not None and not peer_available(peer) else None
+
+
+def installed(names: Iterable[str], notes: list[str]) -> list[str]:
+    """The implementations among ``names`` whose peer is installed; a note for each other."""
+    kept = []
+    for name in names:
+        missing = missing_peer(name)
+        if missing:
+            notes.append(f"{name}: skipped, {missing} is not installed")
+        else:
+            kept.append(name)
+    return kept

@@ -35,17 +35,14 @@ from _common import (
     ROOT,
     arg_parser,
     bounded,
-    fake_accepts_basic,
     fake_edrv,
+    finish,
     fmt,
-    machine,
     median,
     print_table,
-    print_targets,
     settings_for,
     shim_notes,
     target,
-    write_json,
 )
 
 TASKS = 200
@@ -208,8 +205,7 @@ def main() -> None:
         else:
             names.append(name)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch):
-        shim = not fake_accepts_basic(fake)
+    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch, shim):
         schedule = [(name, index) for index in range(RUNS) for name in names]
         random.Random(11).shuffle(schedule)
         deadline = time.monotonic() + TOTAL_SECONDS
@@ -302,18 +298,7 @@ def main() -> None:
         ),
         target("async cold failures", None if edrv is None else edrv["failures"], 0, "eq"),
     ]
-    print_targets(checks)
-    write_json(
-        args.json,
-        {
-            "benchmark": "async_cold",
-            "machine": machine(),
-            "rows": rows,
-            "runs": runs,
-            "notes": notes,
-            "targets": checks,
-        },
-    )
+    finish(args.json, "async_cold", checks, rows=rows, runs=runs, notes=notes)
 
 
 if __name__ == "__main__":

@@ -21,35 +21,23 @@ from typing import Any
 from _common import (
     BENCH_DIR,
     arg_parser,
-    fake_accepts_basic,
     fake_edrv,
+    finish,
     fmt,
-    machine,
     print_table,
-    print_targets,
     run_children,
     settings_for,
     shim_notes,
     target,
-    write_json,
 )
-from _impls import missing_peer
+from _impls import TOKEN_FETCHERS, installed
 
 PROCESSES = 8
 THREADS = 4
 REQUESTS = 25
 SECONDS = 30.0  # per-thread time bound; a healthy run takes well under a second
 TOKEN_DELAY = 0.2
-IMPLS = [
-    "static/requests",
-    "edrv_auth/requests",
-    "edrv_auth/httpx",
-    "naive/requests",
-    "authlib/requests",
-    "authlib/httpx",
-    "requests-auth",
-    "httpx-auth",
-]
+IMPLS = ["static/requests", *TOKEN_FETCHERS]
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, int]:
@@ -71,13 +59,8 @@ def main() -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch):
-        shim = not fake_accepts_basic(fake)
-        for name in IMPLS:
-            missing = missing_peer(name)
-            if missing:
-                notes.append(f"{name}: skipped, {missing} is not installed")
-                continue
+    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch, shim):
+        for name in installed(IMPLS, notes):
             settings = settings_for(fake, scratch / name.replace("/", "_"), shim)
             config = {
                 "impl": name,
@@ -150,17 +133,7 @@ def main() -> None:
         )
         for r in edrv
     ]
-    print_targets(checks)
-    write_json(
-        args.json,
-        {
-            "benchmark": "cold_herd",
-            "machine": machine(),
-            "rows": rows,
-            "notes": notes,
-            "targets": checks,
-        },
-    )
+    finish(args.json, "cold_herd", checks, rows=rows, notes=notes)
 
 
 if __name__ == "__main__":

@@ -28,37 +28,26 @@ from _common import (
     BENCH_DIR,
     arg_parser,
     collect,
-    fake_accepts_basic,
     fake_edrv,
+    finish,
     fmt,
     go,
     kill,
-    machine,
     print_table,
-    print_targets,
     settings_for,
     shim_notes,
     spawn,
     target,
     wait_ready,
-    write_json,
 )
-from _impls import missing_peer
+from _impls import TOKEN_FETCHERS, installed
 
 SECONDS = 3.0
 EXPIRE_AT = 1.5
 MAX_REQUESTS = 100_000  # per thread; the 3 s bound ends the loop long before
 TOKEN_DELAY = 0.2
 SHAPES = {"threads": (1, 32), "processes": (8, 4)}
-IMPLS = [
-    "edrv_auth/requests",
-    "edrv_auth/httpx",
-    "naive/requests",
-    "authlib/requests",
-    "authlib/httpx",
-    "requests-auth",
-    "httpx-auth",
-]
+IMPLS = TOKEN_FETCHERS
 
 
 def storm(
@@ -111,15 +100,10 @@ def main() -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch):
-        shim = not fake_accepts_basic(fake)
+    with fake_edrv(token_delay=TOKEN_DELAY) as (fake, scratch, shim):
+        names = installed(IMPLS, notes)
         for shape, (processes, threads) in SHAPES.items():
-            for name in IMPLS:
-                missing = missing_peer(name)
-                if missing:
-                    if shape == "threads":
-                        notes.append(f"{name}: skipped, {missing} is not installed")
-                    continue
+            for name in names:
                 folder = scratch / f"{shape}-{name.replace('/', '_')}"
                 env = settings_for(fake, folder, shim).env()
                 row = storm(fake, env, name, processes, threads)
@@ -171,17 +155,7 @@ def main() -> None:
                 target(f"expiry storm 401s seen by callers ({label})", row["caller_401s"], 0, "eq"),
                 target(f"expiry storm failures ({label})", row["failures"], 0, "eq"),
             ]
-    print_targets(checks)
-    write_json(
-        args.json,
-        {
-            "benchmark": "expiry_storm",
-            "machine": machine(),
-            "rows": rows,
-            "notes": notes,
-            "targets": checks,
-        },
-    )
+    finish(args.json, "expiry_storm", checks, rows=rows, notes=notes)
 
 
 if __name__ == "__main__":

@@ -33,21 +33,18 @@ from _common import (
     arg_parser,
     bounded,
     collect,
-    fake_accepts_basic,
     fake_edrv,
+    finish,
     fmt,
     go,
     kill,
-    machine,
     median,
     print_table,
-    print_targets,
     settings_for,
     shim_notes,
     spawn,
     target,
     wait_ready,
-    write_json,
 )
 
 IMPLS = [
@@ -190,19 +187,12 @@ def main() -> None:
         return
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
     from _impls import IMPLS as CLASSES
-    from _impls import missing_peer
+    from _impls import installed
 
-    notes = []
-    names = []
-    for name in IMPLS:
-        missing = missing_peer(name)
-        if missing:
-            notes.append(f"{name}: skipped, {missing} is not installed")
-        else:
-            names.append(name)
+    notes: list[str] = []
+    names = installed(IMPLS, notes)
     library = {name: CLASSES[name].library for name in names}
-    with fake_edrv() as (fake, scratch):
-        shim = not fake_accepts_basic(fake)
+    with fake_edrv() as (fake, scratch, shim):
         settings = settings_for(fake, scratch / "cache", shim)
         children = [spawn([__file__, "--worker", json.dumps(names)], settings.env(), "hot path")]
         try:
@@ -274,23 +264,14 @@ def main() -> None:
     )
     by_name = {r["impl"]: r for r in rows}
     micro = {r["impl"]: r for r in micro_rows}
+    edrv = {lib: by_name.get(f"edrv_auth/{lib}", {}) for lib in ("requests", "httpx")}
     checks = [
-        target(
-            f"hot path GET/s vs static header ({lib})",
-            by_name.get(f"edrv_auth/{lib}", {}).get("ratio"),
-            0.98,
-            "min",
-        )
-        for lib in ("requests", "httpx")
+        target(f"hot path GET/s vs static header ({lib})", row.get("ratio"), 0.98, "min")
+        for lib, row in edrv.items()
     ]
     checks += [
-        target(
-            f"hot path GETs measured ({lib}, >= 2000)",
-            by_name.get(f"edrv_auth/{lib}", {}).get("gets"),
-            2000,
-            "min",
-        )
-        for lib in ("requests", "httpx")
+        target(f"hot path GETs measured ({lib}, >= 2000)", row.get("gets"), 2000, "min")
+        for lib, row in edrv.items()
     ]
     checks.append(
         target(
@@ -316,18 +297,7 @@ def main() -> None:
             "µs",
         ),
     ]
-    print_targets(checks)
-    write_json(
-        args.json,
-        {
-            "benchmark": "hot_path",
-            "machine": machine(),
-            "rows": rows,
-            "micro": micro_rows,
-            "notes": notes,
-            "targets": checks,
-        },
-    )
+    finish(args.json, "hot_path", checks, rows=rows, micro=micro_rows, notes=notes)
 
 
 if __name__ == "__main__":

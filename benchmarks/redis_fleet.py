@@ -85,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.processes):
             env = dict(
                 os.environ,
-                EDRV_CLIENT_ID=fake.client_id,
-                EDRV_CLIENT_SECRET=fake.client_secret,
-                EDRV_TOKEN_URL=fake.token_url,
-                EDRV_API_URL=fake.url,
+                **fake.environment(folder / f"machine-{i}"),
                 EDRV_AUTH_REDIS_URL=redis.url,
-                EDRV_AUTH_CACHE_DIR=str(folder / f"machine-{i}"),
             )
             command = [sys.executable, "-c", CHILD, str(go), str(folder / f"ready-{i}")]
             command += [str(args.threads), str(args.requests)]

@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with FakeEdrv(expires_in=args.lifetime) as fake, tempfile.TemporaryDirectory() as cache:
-        os.environ.update(
-            EDRV_CLIENT_ID=fake.client_id,
-            EDRV_CLIENT_SECRET=fake.client_secret,
-            EDRV_TOKEN_URL=fake.token_url,
-            EDRV_API_URL=fake.url,
-            EDRV_AUTH_CACHE_DIR=cache,
-        )
+        os.environ.update(fake.environment(cache))  # EDRV_CLIENT_ID, EDRV_TOKEN_URL...
         context = multiprocessing.get_context("spawn")
         start, results = context.Event(), context.Queue()
         url = f"{fake.url}/v1.1/chargestations"

@@ -34,16 +34,13 @@ from typing import Any
 from _common import (
     API_PATH,
     arg_parser,
-    fake_accepts_basic,
     fake_edrv,
+    finish,
     fmt,
-    machine,
     median,
     print_table,
-    print_targets,
     settings_for,
     target,
-    write_json,
 )
 from _impls import REQUEST_TIMEOUT
 
@@ -203,8 +200,7 @@ def main() -> None:
         else:
             names.append(name)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    with fake_edrv() as (fake, scratch):
-        shim = not fake_accepts_basic(fake)
+    with fake_edrv() as (fake, scratch, shim):
         envs = {}
         for name in names:
             settings = settings_for(fake, scratch / name.replace("/", "_"), shim)
@@ -294,18 +290,7 @@ def main() -> None:
                 "ms",
             ),
         ]
-    print_targets(checks)
-    write_json(
-        args.json,
-        {
-            "benchmark": "warm_process",
-            "machine": machine(),
-            "rows": rows,
-            "runs": runs,
-            "notes": notes,
-            "targets": checks,
-        },
-    )
+    finish(args.json, "warm_process", checks, rows=rows, runs=runs, notes=notes)
 
 
 if __name__ == "__main__":

@@ -68,13 +68,7 @@ def step(number: int, text: str) -> None:
 
 def main() -> int:
     with FakeEdrv(expires_in=86400) as fake, tempfile.TemporaryDirectory() as cache:
-        os.environ.update(
-            EDRV_CLIENT_ID=fake.client_id,
-            EDRV_CLIENT_SECRET=fake.client_secret,
-            EDRV_TOKEN_URL=fake.token_url,
-            EDRV_API_URL=fake.url,
-            EDRV_AUTH_CACHE_DIR=cache,
-        )
+        os.environ.update(fake.environment(cache))  # EDRV_CLIENT_ID, EDRV_TOKEN_URL...
         url = f"{fake.url}/v1.1/chargestations"
         print(f"fake eDRV on {fake.url}; token cache in {cache}")
         fake.token_delay = 0.3  # a slow token endpoint makes the processes really overlap

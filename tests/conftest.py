@@ -13,6 +13,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # tests import the fake server as `fake_edrv`
 
-from fake_edrv import FakeEdrv  # noqa: E402
+from fake_edrv import PROXY_VARIABLES, FakeEdrv  # noqa: E402
 
 import edrv_auth  # noqa: E402
 
@@ -34,16 +36,42 @@ CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-secret-canary-4b1d7e"
 API_KEY = "test-api-key-canary-93c2a8"
 
+#: What the ``make_auth`` fixture is: EdrvAuth's constructor with the fake's defaults.
+MakeAuth = Callable[..., edrv_auth.EdrvAuth]
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_python(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter with ``args``, its output captured as text; the exit is not checked."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` at ``path`` (creating the 0700 cache folder) with exactly ``mode``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
 _CLEARED_PREFIXES = ("EDRV_",)
 _CLEARED_NAMES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
+    *PROXY_VARIABLES,
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "SSL_CERT_FILE",
@@ -115,52 +143,56 @@ def leak_watch() -> Iterator[LeakWatch]:
     assert watch.leaks() == [], "a secret or token reached the edrv_auth log"
 
 
+def serve_watched(server: FakeEdrv, leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
+    """Run ``server`` for one test; the tokens it issued are added to the leak watch."""
+    try:
+        with server:
+            yield server
+    finally:
+        leak_watch.secrets.update(server.issued_tokens)
+
+
 @pytest.fixture
 def fake(leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
     """A running fake eDRV whose issued tokens are added to the leak watch."""
-    server = FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        leak_watch.secrets.update(server.issued_tokens)
+    yield from serve_watched(FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET), leak_watch)
 
 
 @pytest.fixture
 def other() -> Iterator[FakeEdrv]:
     """A second server: another origin (same host 127.0.0.1, another port)."""
-    server = FakeEdrv().start()
-    try:
+    with FakeEdrv() as server:
         yield server
-    finally:
-        server.stop()
 
 
-@pytest.fixture
-def make_auth(fake: FakeEdrv, clean_env: Path) -> Callable[..., edrv_auth.EdrvAuth]:
-    """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
+def auth_maker(server: FakeEdrv, **defaults: Any) -> MakeAuth:
+    """Build EdrvAuth instances pointed at ``server``, with ``defaults`` then overrides."""
 
     def make(**overrides: Any) -> edrv_auth.EdrvAuth:
         options: dict[str, Any] = {
             "client_id": CLIENT_ID,
             "client_secret": CLIENT_SECRET,
-            "token_url": fake.token_url,
-            "api_url": fake.url,
-            "cache_dir": clean_env,
+            "token_url": server.token_url,
+            "api_url": server.url,
+            **defaults,
+            **overrides,
         }
-        options.update(overrides)
         return edrv_auth.EdrvAuth(**options)
 
     return make
 
 
 @pytest.fixture
+def make_auth(fake: FakeEdrv, clean_env: Path) -> MakeAuth:
+    """Build an EdrvAuth pointed at the fake, with the test's cache folder."""
+    return auth_maker(fake, cache_dir=clean_env)
+
+
+@pytest.fixture
 def fake_env(fake: FakeEdrv, monkeypatch: pytest.MonkeyPatch) -> FakeEdrv:
     """Point the EDRV_* variables at the fake (for child processes and the CLI)."""
-    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
-    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
-    monkeypatch.setenv("EDRV_TOKEN_URL", fake.token_url)
-    monkeypatch.setenv("EDRV_API_URL", fake.url)
+    for name, value in fake.environment().items():
+        monkeypatch.setenv(name, value)
     return fake
 
 

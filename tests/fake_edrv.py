@@ -32,6 +32,20 @@ from urllib.parse import parse_qs, parse_qsl, unquote_plus, urlsplit
 MAX_BODY = 64 * 1024 * 1024
 
 
+#: The variables that would route an HTTP client's requests to the fake through a proxy:
+#: the tests and the benchmarks clear them.
+PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+)
+
+
 class BadRequest(Exception):
     """Malformed framing or content; answered with a 400 JSON instead of a crashed thread."""
 
@@ -451,6 +465,21 @@ class FakeEdrv:
     @property
     def token_url(self) -> str:
         return self.url + "/oauth/token"
+
+    def environment(self, cache_dir: object = None) -> dict[str, str]:
+        """The EDRV_* variables that point edrv_auth at this fake, with its credentials.
+
+        ``cache_dir`` (a path), if given, becomes ``EDRV_AUTH_CACHE_DIR``.
+        """
+        env = {
+            "EDRV_CLIENT_ID": self.client_id,
+            "EDRV_CLIENT_SECRET": self.client_secret,
+            "EDRV_TOKEN_URL": self.token_url,
+            "EDRV_API_URL": self.url,
+        }
+        if cache_dir is not None:
+            env["EDRV_AUTH_CACHE_DIR"] = str(cache_dir)
+        return env
 
     def reset_counters(self) -> None:
         """Zero the counters and recorded requests (queued responses and tokens are kept)."""

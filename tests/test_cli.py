@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, CLIENT_ID, LeakWatch
+from conftest import API_KEY, LeakWatch, run_python
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -23,15 +23,7 @@ if MODULE_DIR.name == "edrv_auth":  # the installed package, not the checkout's 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m edrv_auth ...` in a real process, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "edrv_auth", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=MODULE_DIR,
-        env=env if env is not None else dict(os.environ),
-        check=False,
-    )
+    return run_python("-m", "edrv_auth", *args, cwd=MODULE_DIR, env=env, timeout=30)
 
 
 def test_token_prints_only_the_token(fake_env: FakeEdrv, leak_watch: LeakWatch) -> None:
@@ -102,13 +94,7 @@ def test_expected_failures_are_one_line_without_traceback(
     from conftest import CLIENT_SECRET
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDRV_")}
-    env.update(
-        EDRV_CLIENT_ID=CLIENT_ID,
-        EDRV_CLIENT_SECRET=CLIENT_SECRET,
-        EDRV_TOKEN_URL=fake.token_url,
-        EDRV_API_URL=fake.url,
-        EDRV_AUTH_CACHE_DIR=str(clean_env),
-    )
+    env.update(fake.environment(clean_env))
     if setup == "no-credentials":
         del env["EDRV_CLIENT_ID"], env["EDRV_CLIENT_SECRET"]
     elif setup == "wrong-secret":
@@ -153,15 +139,7 @@ def test_help_names_the_command_as_invoked(tmp_path: Path, spelling: str, usage:
         script = tmp_path / "edrv-auth"
         script.write_text("import sys\nfrom edrv_auth import main\nsys.exit(main())\n")
         env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
-        result = subprocess.run(
-            [sys.executable, str(script), "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=tmp_path,
-            env=env,
-            check=False,
-        )
+        result = run_python(str(script), "--help", cwd=tmp_path, env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(usage)
 

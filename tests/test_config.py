@@ -289,3 +289,24 @@ def test_api_key_mode_ignores_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     auth = EdrvAuth(api_key=API_KEY, redis_url="redis://127.0.0.1:6379/0")
     assert auth.get_token() == API_KEY
+
+
+def test_timeout_longer_than_the_lock_wait_is_refused() -> None:
+    """A token request must end before other processes stop waiting for the lock."""
+    with pytest.raises(EdrvAuthError, match="timeout"):
+        EdrvAuth(CLIENT_ID, "test-secret", timeout=60)
+
+
+def test_explicit_default_url_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passing the default URL explicitly is an explicit argument: the variable loses."""
+    monkeypatch.setenv("EDRV_API_URL", "http://127.0.0.1:9")
+    explicit = "".join(["https://", "api.edrv.io"])  # equal to the default, another object
+    assert EdrvAuth(CLIENT_ID, "test-secret", api_url=explicit)._describe().api_url == explicit
+    assert EdrvAuth(CLIENT_ID, "test-secret")._describe().api_url == "http://127.0.0.1:9"
+
+
+def test_invalid_redis_port_is_refused_at_construction() -> None:
+    """A redis_url redis-py cannot parse fails at construction, not at every request."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    with pytest.raises(EdrvAuthError, match="invalid port"):
+        EdrvAuth(CLIENT_ID, "test-secret", redis_url="redis://127.0.0.1:notaport/0")

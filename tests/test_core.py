@@ -1,4 +1,4 @@
-"""The token core's decisions: the storm cap's accounting, and the shared state.
+"""The token core's decisions: when to refresh, the storm cap's accounting, the shared state.
 
 The clock is injected (`clock` fixture); no test sleeps to reach an expiry.
 """
@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import threading
+import time
 
 import pytest
 import requests
-from conftest import Clock, LeakWatch
+from conftest import Clock, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 import edrv_auth
-from edrv_auth import EdrvAuth, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
+from edrv_auth import TokenRequestError
 
 
 def test_scheduled_renewals_are_not_capped(
@@ -185,6 +184,29 @@ def test_reading_the_shared_cache_is_logged(
     assert any("using the token in the shared cache" in m for m in leak_watch.messages)
 
 
+def test_request_times_slightly_in_the_future_still_count(clock: Clock) -> None:
+    """Another machine's clock running ahead does not hide its token requests from the cap."""
+    state = edrv_auth._CacheRecord(None, (clock.now + 10, clock.now + 20), None)
+    assert len(state.counted_times(clock.now)) == 2
+
+
+def test_clear_during_a_token_request_leaves_memory_and_disk_agreeing(
+    fake: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """clear() waits for an in-flight token request, then forgets it everywhere."""
+    fake.token_delay = 0.6
+    auth = make_auth()
+    fetcher = threading.Thread(target=auth.get_token)
+    fetcher.start()
+    while fake.token_requests == 0:
+        time.sleep(0.01)
+    auth.clear()
+    fetcher.join()
+    state = auth._describe().file_cache.read()
+    assert auth._describe().published is None
+    assert state is None or state.token is None
+
+
 # ---- bogus lifetimes, and renewals that fail ----------------------------------
 
 
@@ -294,3 +316,16 @@ def test_a_due_token_past_the_cap_is_served_from_memory_until_the_cap_allows(
     clock.advance(10)  # the cap allows one now: the renewal happens
     assert auth.get_token() != token
     assert fake.token_requests == 1
+
+
+def test_lifetime_equal_to_margin_is_not_stale_at_birth(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A token living exactly refresh_margin seconds is used for half its life, not refetched."""
+    fake.expires_in = 300
+    auth = make_auth(refresh_margin=300)
+    tokens = {auth.get_token() for _ in range(20)}
+    assert (len(tokens), fake.token_requests) == (1, 1)
+    clock.advance(151)
+    auth.get_token()
+    assert fake.token_requests == 2

@@ -17,20 +17,17 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, Clock
+from conftest import CLIENT_ID, CLIENT_SECRET, Clock, MakeAuth, _plant
 from fake_edrv import FakeEdrv
 
 import edrv_auth
 
 pytestmark = pytest.mark.posix_only  # file modes, owners, symlinks and FIFOs
-
-MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -57,13 +54,6 @@ def _valid_payload(token: str, now: float | None = None) -> dict[str, Any]:
         },
         "token_requests": [],
     }
-
-
-def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` at ``path`` (creating the 0700 cache folder) with exactly ``mode``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, mode)
 
 
 def _temporaries(directory: Path) -> list[str]:
@@ -227,6 +217,28 @@ def test_concurrent_reader_never_sees_half_a_file(make_auth: MakeAuth) -> None:
     assert counts["writes"] > 1
     assert counts["reads"] > 1
     assert _temporaries(cache.directory) == []
+
+
+def test_leftovers_of_a_killed_writer_are_removed(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """Old temporary files (a writer killed before its rename) go at the next write."""
+    import os
+
+    auth = make_auth()
+    auth._describe().file_cache.ensure_dir()
+    old = (
+        auth._describe().file_cache.directory
+        / f".{auth._describe().file_cache.path.name}.4242.deadbeef"
+    )
+    fresh = (
+        auth._describe().file_cache.directory
+        / f".{auth._describe().file_cache.path.name}.4243.cafebabe"
+    )
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"{")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    auth.get_token()
+    assert not old.exists()
+    assert fresh.exists()  # may still belong to a writer at work
 
 
 # ---- untrusted files -------------------------------------------------------

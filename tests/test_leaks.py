@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,13 +40,11 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, CLIENT_SECRET, Clock, LeakWatch
+from conftest import API_KEY, CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _closed_port
 from fake_edrv import FakeEdrv
 
 import edrv_auth
 from edrv_auth import EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 #: A second canary: a wrong secret that a test sends, and that the endpoint echoes back.
 WRONG_SECRET = "test-wrong-secret-canary-5e0f31"
@@ -225,13 +222,6 @@ def sweep(fake: FakeEdrv, tmp_path: Path) -> Iterator[Sweep]:
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-
-
-def _closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _httpx_sync_get(auth: edrv_auth.EdrvAuth, url: str) -> int:

@@ -7,14 +7,12 @@ them. These tests need the source checkout; from an installed wheel they skip.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 pytestmark = pytest.mark.skipif(
     not (ROOT / "hatch_build.py").exists(), reason="needs the source checkout"
@@ -30,14 +28,7 @@ def build(hook: str, source: Path, out: Path) -> Path:
     pytest.importorskip("hatchling", reason="hatchling is in the test extra")
     out.mkdir(exist_ok=True)
     code = f"import hatchling.build as b; print(b.{hook}({str(out)!r}))"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python("-c", code, cwd=source)
     assert result.returncode == 0, result.stderr
     return out / result.stdout.strip().splitlines()[-1]
 
@@ -116,14 +107,7 @@ def test_editable_install_imports_the_working_file(tmp_path: Path) -> None:
     )
 
     def run_probe() -> list[str]:
-        result = subprocess.run(
-            [sys.executable, "-S", "-c", probe],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_python("-S", "-c", probe, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 

@@ -1,4 +1,4 @@
-"""Cross-process behaviour with real processes against the fake.
+"""Processes share one token, one lock and one storm cap, and survive their peers dying.
 
 The fake eDRV runs in the pytest process; children (scripts running ``tests/_proc_worker.py``,
 ``multiprocessing`` spawn pools, forked children) call it over loopback HTTP, and the tests
@@ -28,7 +28,7 @@ import _proc_worker
 import filelock
 import pytest
 import requests
-from conftest import ROOT, LeakWatch
+from conftest import ROOT, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -49,7 +49,8 @@ def digest(token: str) -> str:
 class Children:
     """Worker-script children; whatever happens, each is killed if alive and reaped."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder  # where children leave files for the test
         self.procs: list[subprocess.Popen[str]] = []
         self.outputs: list[str] = []
 
@@ -94,9 +95,9 @@ class Children:
 
 
 @pytest.fixture
-def children(fake: FakeEdrv, leak_watch: LeakWatch) -> Iterator[Children]:
+def children(fake: FakeEdrv, leak_watch: LeakWatch, tmp_path: Path) -> Iterator[Children]:
     """Script children, reaped at the end; their output must hold no secret and no token."""
-    kids = Children()
+    kids = Children(tmp_path)
     try:
         yield kids
     finally:
@@ -148,15 +149,20 @@ def herd_results(children: Children, procs: list[subprocess.Popen[str]]) -> dict
     return merged
 
 
-def start_lock_holder(children: Children, tmp_path: Path) -> subprocess.Popen[str]:
-    """Start a child that takes the token cache lock and keeps it; return once it holds it."""
-    ready = tmp_path / "holding"
+def start_lock_holder(children: Children, *, hung: bool = False) -> subprocess.Popen[str]:
+    """Start a child that takes the token cache lock and keeps it; return once it holds it.
+
+    ``hung``: then stop it (SIGSTOP), as a process that hangs while holding the lock.
+    """
+    ready = children.folder / "holding"
     holder = children.start("hold-lock", "--ready", str(ready))
     wait_until(ready.exists, "the child holds the lock", [holder])
+    if hung:
+        os.kill(holder.pid, signal.SIGSTOP)
     return holder
 
 
-# ---- One token for many processes (behaviour 2) ------------------------------
+# ---- One token for many processes -------------------------------------------
 
 
 def test_cold_herd_of_processes_and_threads_makes_one_token_request(
@@ -177,7 +183,7 @@ def test_cold_herd_of_processes_and_threads_makes_one_token_request(
 
 
 def test_new_process_with_warm_cache_makes_no_token_request(
-    fake_env: FakeEdrv, children: Children, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """A new process that finds a valid token in the cache file uses it and asks for none."""
     token = make_auth().get_token()
@@ -208,14 +214,14 @@ def test_requests_and_httpx_processes_share_one_token(
     assert len(set(fake_env.api_auth_headers)) == 1
 
 
-# ---- Compare-and-swap on 401, and the shared storm cap (behaviours 4, 5) ------
+# ---- Compare-and-swap on 401, and the shared storm cap ----------------------
 
 
 def test_concurrent_401s_across_processes_cause_one_token_request(
     fake_env: FakeEdrv,
     children: Children,
     tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    make_auth: MakeAuth,
 ) -> None:
     """24 callers in 6 processes rejected with one expired token cause one new token request."""
     old = make_auth().get_token()
@@ -248,7 +254,7 @@ def test_storm_cap_is_shared_across_processes(
     assert fake_env.token_requests == edrv_auth._MAX_TOKEN_REQUESTS == 5
 
 
-# ---- Pickling for multiprocessing spawn (behaviour 12) -----------------------
+# ---- Pickling for multiprocessing spawn ------------------------------------
 
 
 @contextlib.contextmanager
@@ -262,7 +268,7 @@ def spawn_pool() -> Iterator[Any]:
 
 
 def test_auth_pickles_without_token_and_works_in_spawn_worker(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A used EdrvAuth pickles without its token and, in a spawn worker, reuses the cached one."""
     auth = make_auth()
@@ -278,7 +284,7 @@ def test_auth_pickles_without_token_and_works_in_spawn_worker(
 
 
 def test_token_request_error_crosses_spawn_pool_intact(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth], leak_watch: LeakWatch
+    fake: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch
 ) -> None:
     """A TokenRequestError raised in a spawn worker reaches the parent with its status and error."""
     fake.queue_token_response(401, {"error": "access_denied", "error_description": "Unauthorized"})
@@ -291,7 +297,7 @@ def test_token_request_error_crosses_spawn_pool_intact(
     assert_no_leaks(leak_watch, fake, str(caught.value))
 
 
-# ---- fork (behaviour 12) -----------------------------------------------------
+# ---- fork ------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -325,9 +331,7 @@ def child_clear_and_get(auth: edrv_auth.EdrvAuth, writer: Connection) -> None:
 
 @fork_ok
 @pytest.mark.needs_fork
-def test_forked_child_reuses_inherited_token(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_forked_child_reuses_inherited_token(fake: FakeEdrv, make_auth: MakeAuth) -> None:
     """A forked child authenticates with the instance's in-memory token and asks for none."""
     auth = make_auth()
     token = auth.get_token()
@@ -342,7 +346,7 @@ def test_forked_child_reuses_inherited_token(
 @fork_ok
 @pytest.mark.needs_fork
 def test_thread_lock_held_at_fork_does_not_deadlock_child(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A child forked while another thread holds the in-process lock can clear and get a token."""
     auth = make_auth()
@@ -374,7 +378,7 @@ def test_thread_lock_held_at_fork_does_not_deadlock_child(
 @fork_ok
 @pytest.mark.needs_fork
 def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
-    fake: FakeEdrv, make_auth: Callable[..., edrv_auth.EdrvAuth]
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
     """A child forked while the parent holds the cache lock waits for it, then proceeds."""
     auth = make_auth()
@@ -397,17 +401,14 @@ def test_file_lock_held_at_fork_keeps_child_waiting_until_released(
     assert new == digest(make_auth().get_token())
 
 
-# ---- Dead and hung lock holders (behaviour 6) ---------------------------------
+# ---- Dead and hung lock holders ---------------------------------------------
 
 
 def test_sigkilled_lock_holder_releases_the_lock_at_once(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """After the process holding the cache lock is SIGKILLed, a token comes at once."""
-    holder = start_lock_holder(children, tmp_path)
+    holder = start_lock_holder(children)
     auth = make_auth()
     probe = auth._describe().file_cache.make_lock()
     with pytest.raises(filelock.Timeout):
@@ -437,14 +438,10 @@ def test_process_killed_mid_token_request_does_not_block_the_next(
 
 
 def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """With the lock held by a stopped process, a process needing a token fails on the timeout."""
-    holder = start_lock_holder(children, tmp_path)
-    os.kill(holder.pid, signal.SIGSTOP)
+    start_lock_holder(children, hung=True)
     report = children.result(children.start("token", "--lock-timeout", "1.0"))
     assert report["error"] == "EdrvAuthError"
     assert str(make_auth()._describe().file_cache.lock_path) in report["message"]
@@ -453,15 +450,11 @@ def test_hung_lock_holder_fails_a_cold_process_after_the_lock_timeout(
 
 
 def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth
 ) -> None:
     """A valid cached token is read at once even while a hung process holds the lock."""
     token = make_auth().get_token()
-    holder = start_lock_holder(children, tmp_path)
-    os.kill(holder.pid, signal.SIGSTOP)
+    start_lock_holder(children, hung=True)
     report = children.result(children.start("token"))  # default 30 s lock timeout
     assert report["token_sha256"] == digest(token)
     assert report["elapsed"] < 5.0
@@ -469,15 +462,11 @@ def test_hung_lock_holder_does_not_delay_a_warm_cache_read(
 
 
 def test_lock_timeout_raises_edrv_auth_error_chained_from_filelock(
-    fake_env: FakeEdrv,
-    children: Children,
-    tmp_path: Path,
-    make_auth: Callable[..., edrv_auth.EdrvAuth],
-    monkeypatch: pytest.MonkeyPatch,
+    fake_env: FakeEdrv, children: Children, make_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lock timeout raises EdrvAuthError (not filelock.Timeout), chained from the timeout."""
     monkeypatch.setattr(edrv_auth, "_LOCK_TIMEOUT", 0.3)
-    start_lock_holder(children, tmp_path)
+    start_lock_holder(children)
     with pytest.raises(EdrvAuthError, match="token cache lock") as caught:
         make_auth().get_token()
     assert type(caught.value) is EdrvAuthError

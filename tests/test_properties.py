@@ -25,22 +25,19 @@ import math
 import string
 import tempfile
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLIENT_SECRET, Clock, LeakWatch
+from conftest import CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _plant
 from fake_edrv import FakeEdrv
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import edrv_auth
 from edrv_auth import EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 #: CI settings: reproducible (derandomize, no database), no per-example deadline. The autouse
 #: fixtures (clean_env, leak_watch) are function-scoped and shared by every example, which is
@@ -228,12 +225,6 @@ def _fresh_example(fake: FakeEdrv, tmp_path: Path) -> Path:
     fake.clear_queues()
     fake.reset_counters()
     return Path(tempfile.mkdtemp(dir=tmp_path))
-
-
-def _plant(path: Path, raw: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(raw)
-    path.chmod(0o600)
 
 
 def _check_message(exc: BaseException, leak_watch: LeakWatch) -> None:

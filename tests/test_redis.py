@@ -15,13 +15,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, Clock, LeakWatch
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, Clock, LeakWatch, MakeAuth, auth_maker
 from fake_edrv import FakeEdrv
 from redis_server import RedisServer, redis_data
 
@@ -53,21 +53,13 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-def machine(fake: FakeEdrv, redis_url: str, tmp_path: Path) -> Callable[..., edrv_auth.EdrvAuth]:
+def machine(fake: FakeEdrv, redis_url: str, tmp_path: Path) -> MakeAuth:
     """An EdrvAuth as on its own machine: its own cache folder, the shared Redis."""
     count = iter(range(1000))
+    shared = auth_maker(fake, redis_url=redis_url)
 
     def make(**overrides: object) -> edrv_auth.EdrvAuth:
-        options: dict[str, object] = {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "token_url": fake.token_url,
-            "api_url": fake.url,
-            "cache_dir": tmp_path / f"machine-{next(count)}",
-            "redis_url": redis_url,
-        }
-        options.update(overrides)
-        return edrv_auth.EdrvAuth(**options)  # type: ignore[arg-type]
+        return shared(**{"cache_dir": tmp_path / f"machine-{next(count)}", **overrides})
 
     return make
 
@@ -106,12 +98,8 @@ def start_machines(
     for i in range(count):
         child_env = dict(
             os.environ,
-            EDRV_CLIENT_ID=CLIENT_ID,
-            EDRV_CLIENT_SECRET=CLIENT_SECRET,
-            EDRV_TOKEN_URL=fake.token_url,
-            EDRV_API_URL=fake.url,
+            **fake.environment(tmp_path / f"proc-{i}"),
             EDRV_AUTH_REDIS_URL=redis_url,
-            EDRV_AUTH_CACHE_DIR=str(tmp_path / f"proc-{i}"),
             **env,
         )
         ready = tmp_path / f"ready-{i}"
@@ -160,18 +148,14 @@ def test_cold_fleet_without_shared_disk_makes_one_token_request(
     assert fake.token_requests == 1
 
 
-def test_a_new_machine_reuses_the_token_in_redis(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_a_new_machine_reuses_the_token_in_redis(fake: FakeEdrv, machine: MakeAuth) -> None:
     """A process with an empty cache folder takes the token from Redis: 0 token requests."""
     token = machine().get_token()
     assert machine().get_token() == token
     assert fake.token_requests == 1
 
 
-def test_401_compare_and_swap_across_machines(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_401_compare_and_swap_across_machines(fake: FakeEdrv, machine: MakeAuth) -> None:
     """A 401 with a token another machine already replaced adopts the new one from Redis."""
     first, second = machine(), machine()
     stale = first.get_token()
@@ -184,9 +168,7 @@ def test_401_compare_and_swap_across_machines(
     assert second.get_token() == first.get_token() != stale
 
 
-def test_storm_cap_is_shared_through_redis(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_storm_cap_is_shared_through_redis(fake: FakeEdrv, machine: MakeAuth) -> None:
     """Machines sharing Redis share the 5-a-minute cap, though their disks differ."""
     fake.reject_all = True
     fleet = [machine() for _ in range(3)]
@@ -198,7 +180,7 @@ def test_storm_cap_is_shared_through_redis(
 
 
 def test_redis_holds_the_token_but_no_secret(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
 ) -> None:
     """What is stored: a hashed key, the token and its times, with a TTL; no secret, no id."""
     auth = machine()
@@ -220,7 +202,7 @@ def test_redis_holds_the_token_but_no_secret(
 
 
 def test_lock_is_released_after_a_token_request(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
 ) -> None:
     """The single-flight lock is gone once the token is saved (released by its owner)."""
     machine().get_token()
@@ -229,7 +211,7 @@ def test_lock_is_released_after_a_token_request(
 
 def test_holder_killed_mid_request_blocks_the_others_only_until_its_lock_expires(
     fake: FakeEdrv, redis_url: str, tmp_path: Path, leak_watch: LeakWatch,
-    machine: Callable[..., edrv_auth.EdrvAuth], monkeypatch: pytest.MonkeyPatch,
+    machine: MakeAuth, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """SIGKILL during a token request: the lock expires by itself, and the next process gets one."""
     fake.token_delay = 5
@@ -258,14 +240,7 @@ def test_redis_down_falls_back_to_the_local_cache_with_one_warning(
 ) -> None:
     """Stopping Redis mid-run fails no request; the fallback is logged once."""
     server = redis_server
-    auth = edrv_auth.EdrvAuth(
-        CLIENT_ID,
-        CLIENT_SECRET,
-        token_url=fake.token_url,
-        api_url=fake.url,
-        cache_dir=tmp_path / "local",
-        redis_url=server.url,
-    )
+    auth = auth_maker(fake, cache_dir=tmp_path / "local")(redis_url=server.url)
     try:
         with requests.Session() as session:
             assert session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
@@ -292,25 +267,15 @@ def test_unreachable_redis_from_the_start_never_fails_a_request(
     """A Redis URL nobody listens on: requests work from the file cache."""
     from redis_server import free_port
 
-    auth = edrv_auth.EdrvAuth(
-        CLIENT_ID,
-        CLIENT_SECRET,
-        token_url=fake.token_url,
-        api_url=fake.url,
-        cache_dir=tmp_path / "local",
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
-    )
+    local = auth_maker(fake, cache_dir=tmp_path / "local")
+    auth = local(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     assert requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
-    assert edrv_auth.EdrvAuth(
-        CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
-        cache_dir=tmp_path / "local", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-    ).get_token() == auth.get_token()  # fmt: skip
+    other = local(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert other.get_token() == auth.get_token()
     assert fake.token_requests == 1
 
 
-def test_async_tasks_share_one_token_through_redis(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth]
-) -> None:
+def test_async_tasks_share_one_token_through_redis(fake: FakeEdrv, machine: MakeAuth) -> None:
     """50 AsyncClient tasks on a cold fleet cache: one token request, no blocked loop."""
     fake.token_delay = 0.3
     auth = machine()
@@ -325,7 +290,7 @@ def test_async_tasks_share_one_token_through_redis(
 
 
 def test_a_flushed_redis_does_not_cost_a_token_request(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str, tmp_path: Path
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str, tmp_path: Path
 ) -> None:
     """After Redis loses its data, a machine reuses the token mirrored to its own file."""
     import redis
@@ -366,6 +331,36 @@ def test_status_reports_the_token_the_core_uses_when_redis_is_empty(
     assert fake_env.token_requests == 1
 
 
+@pytest.mark.needs_redis
+def test_cap_record_is_mirrored_to_the_file(
+    fake: FakeEdrv, make_auth: MakeAuth, tmp_path: Path, clean_env: Path
+) -> None:
+    """What the Redis store holds is copied to the file, so a fallback keeps the cap's count."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    from redis_server import RedisServer
+
+    try:
+        server = RedisServer().start()
+    except FileNotFoundError:
+        pytest.skip("redis-server is not installed")
+    fake.reject_all = True
+    try:
+        auth = make_auth(redis_url=server.url)
+        with requests.Session() as session:
+            for _ in range(6):
+                session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+        assert fake.token_requests == 5
+        server.stop()
+        fallback = make_auth(redis_url=server.url)
+        with requests.Session() as session:
+            for _ in range(6):
+                session.get(f"{fake.url}/v1.1/x", auth=fallback, timeout=5)
+    finally:
+        server.stop()
+    assert fake.token_requests == 5
+    assert edrv_auth._parse_record(fallback._describe().file_cache.path.read_bytes()) is not None
+
+
 # ---- what is read back is checked like the file ------------------------------------
 
 
@@ -400,7 +395,7 @@ def _state(token: str, obtained_at: float, expires_at: float, requests: list[flo
 )
 def test_planted_redis_lifetimes_are_not_trusted(
     fake: FakeEdrv,
-    machine: Callable[..., edrv_auth.EdrvAuth],
+    machine: MakeAuth,
     redis_url: str,
     obtained_in: float,
     expires_in: float,
@@ -416,7 +411,7 @@ def test_planted_redis_lifetimes_are_not_trusted(
 
 
 def test_oversized_redis_value_is_not_read(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
 ) -> None:
     """A value over 64 KiB is not fetched from Redis at all: its size is checked first."""
     import redis
@@ -438,7 +433,7 @@ def test_oversized_redis_value_is_not_read(
 
 def test_lock_without_ttl_falls_back_to_the_file_cache(
     fake: FakeEdrv,
-    machine: Callable[..., edrv_auth.EdrvAuth],
+    machine: MakeAuth,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
     leak_watch: LeakWatch,
@@ -466,7 +461,7 @@ def test_lock_without_ttl_falls_back_to_the_file_cache(
 
 
 def test_unreachable_token_endpoint_with_redis_is_a_token_request_error(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], no_sleep: list[float]
+    fake: FakeEdrv, machine: MakeAuth, no_sleep: list[float]
 ) -> None:
     """Redis, a cold cache and a token endpoint refusing connections: TokenRequestError."""
     from redis_server import free_port
@@ -481,7 +476,7 @@ def test_unreachable_token_endpoint_with_redis_is_a_token_request_error(
 
 
 def test_compare_and_swap_does_not_replace_another_token(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
 ) -> None:
     """A write replacing a token that Redis no longer holds changes nothing (the Lua CAS)."""
     auth = machine()
@@ -500,7 +495,7 @@ def test_compare_and_swap_does_not_replace_another_token(
 
 
 def test_lock_release_leaves_another_owners_lock(
-    fake: FakeEdrv, machine: Callable[..., edrv_auth.EdrvAuth], redis_url: str
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
 ) -> None:
     """A holder whose lock expired and was taken by another releases nothing of theirs."""
     store = machine()._describe().stores[0]
@@ -539,7 +534,7 @@ def test_unreachable_redis_is_tried_again_30_s_later(
 
 def test_a_flushed_redis_is_filled_again_by_the_next_renewal(
     fake: FakeEdrv,
-    machine: Callable[..., edrv_auth.EdrvAuth],
+    machine: MakeAuth,
     redis_url: str,
     tmp_path: Path,
     clock: Clock,

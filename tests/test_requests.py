@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, LeakWatch
+from conftest import API_KEY, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
 
 
 @pytest.fixture
 def session() -> Iterator[requests.Session]:
     with requests.Session() as s:
         yield s
+
+
+@pytest.fixture
+def rejected_auth(fake: FakeEdrv, make_auth: MakeAuth) -> EdrvAuth:
+    """An EdrvAuth holding a token the fake has since expired: its next call gets a 401."""
+    auth = make_auth()
+    auth.get_token()
+    fake.expire_all()
+    return auth
 
 
 def test_first_request_fetches_one_token_and_sends_it(fake: FakeEdrv, make_auth: MakeAuth) -> None:
@@ -88,12 +95,10 @@ def test_there_is_never_a_second_retry(
 
 
 def test_file_body_is_rewound_for_the_retry(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
 ) -> None:
     """A seekable body is replayed from where it started, not from where it ended."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     body = io.BytesIO(b"skip:the-real-body")
     body.seek(5)
     response = session.put(f"{fake.url}/v1.1/x", data=body, auth=auth, timeout=5)
@@ -102,12 +107,10 @@ def test_file_body_is_rewound_for_the_retry(
 
 
 def test_generator_body_is_never_sent_twice(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
 ) -> None:
     """A body that cannot be replayed is sent once, and the caller gets the 401."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
 
     def chunks() -> Iterator[bytes]:
         yield b"one-"
@@ -120,12 +123,10 @@ def test_generator_body_is_never_sent_twice(
 
 
 def test_concurrent_401s_with_one_token_cause_one_token_request(
-    fake: FakeEdrv, make_auth: MakeAuth
+    fake: FakeEdrv, rejected_auth: EdrvAuth
 ) -> None:
     """16 threads rejected with the same token share one new token."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     fake.token_delay = 0.2  # keep the refresh in flight while the others arrive
     barrier = threading.Barrier(16)
     statuses: list[int] = []
@@ -253,12 +254,10 @@ def test_api_key_mode_still_pins_the_origin(fake: FakeEdrv, other: FakeEdrv) -> 
 
 
 def test_token_failure_on_retry_raises_and_frees_the_connection(
-    fake: FakeEdrv, make_auth: MakeAuth, session: requests.Session, no_sleep: list[float]
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session, no_sleep: list[float]
 ) -> None:
     """If the token endpoint fails during a retry, the caller gets TokenRequestError."""
-    auth = make_auth()
-    auth.get_token()
-    fake.expire_all()
+    auth = rejected_auth
     fake.queue_token_response(401, {"error": "access_denied", "error_description": "Unauthorized"})
     with pytest.raises(TokenRequestError) as caught:
         session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
@@ -276,3 +275,48 @@ def test_callers_session_and_headers_are_untouched(fake: FakeEdrv, make_auth: Ma
         assert dict(s.headers) == before
         assert s.auth is None
     assert "X-Custom" not in str(fake.token_forms)
+
+
+@pytest.mark.parametrize("code", [302, 303])
+def test_redirect_that_drops_the_body_then_401_is_retried(
+    fake: FakeEdrv, rejected_auth: EdrvAuth, code: int
+) -> None:
+    """A file body POSTed into a 302/303 (which becomes a GET) then a 401: one clean retry."""
+    auth = rejected_auth
+    target = f"{fake.url}/v1.1/x"
+    response = requests.post(
+        f"{fake.url}/redirect",
+        params={"to": target, "code": str(code)},
+        data=io.BytesIO(b"payload"),
+        auth=auth,
+        timeout=5,
+    )
+    assert response.status_code == 200
+    assert fake.token_requests == 2
+
+
+def test_no_second_retry_after_a_redirect(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """401, retry, 302, then 401 again: the caller gets that 401; no second retry."""
+    auth = make_auth()
+    auth.get_token()
+    fake.queue_api_response(401, {"ok": False, "message": "jwt expired", "result": None})
+    fake.queue_api_response(302, "", {"Location": f"{fake.url}/v1.1/b"})
+    fake.queue_api_response(401, {"ok": False, "message": "jwt expired", "result": None})
+    fake.expire_all()
+    response = requests.get(f"{fake.url}/v1.1/a", auth=auth, timeout=5)
+    assert response.status_code == 401
+    assert fake.api_requests == 3
+    assert fake.token_requests == 2
+    # The redirect carried the new token, not the one already rejected.
+    assert fake.api_auth_headers[2] == f"Bearer {auth.get_token()}"
+
+
+@pytest.mark.parametrize("body", [bytearray(b"payload"), memoryview(b"payload")])
+def test_bytearray_and_memoryview_bodies_are_replayed(
+    fake: FakeEdrv, rejected_auth: EdrvAuth, body: object
+) -> None:
+    """In-memory bodies of any bytes-like type are re-sent once after a 401."""
+    auth = rejected_auth
+    response = requests.post(f"{fake.url}/v1.1/x", data=body, auth=auth, timeout=5)
+    assert response.status_code == 200
+    assert fake.api_bodies == [b"payload", b"payload"]

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import email.utils
 import json
-import socket
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, Clock, LeakWatch
+from conftest import CLIENT_ID, CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _closed_port
 from fake_edrv import FakeEdrv
 
 import edrv_auth
 from edrv_auth import EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 WRONG_SECRET = "test-wrong-secret"
 
@@ -42,13 +38,6 @@ def _cached_lifetime(auth: edrv_auth.EdrvAuth) -> float:
     """expires_at - obtained_at of the token in the cache file, read as raw JSON."""
     token = json.loads(auth._describe().file_cache.path.read_text())["token"]
     return float(token["expires_at"] - token["obtained_at"])
-
-
-def _closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- the request itself ----------------------------------------------------

@@ -13,18 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT_ID, LeakWatch
+from conftest import CLIENT_ID, LeakWatch, MakeAuth
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
 
 import edrv_auth
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
-
-MakeAuth = Callable[..., EdrvAuth]
 
 #: A secret with characters that URL-encoding and HTML escape.
 SECRET = "test-Secret/Canary+9=x"
@@ -153,6 +150,25 @@ def test_rfc_error_codes_are_shown(
     exc = _failure(make_auth(client_secret=SECRET), leak_watch)
     assert exc.error == code
     assert f"HTTP 400 {code}: see the docs" in str(exc)
+
+
+def test_url_encoded_secret_never_reaches_a_message(
+    fake: FakeEdrv, make_auth: MakeAuth, leak_watch: LeakWatch
+) -> None:
+    """A proxy echoing the form (secret URL-encoded) does not put it in the error."""
+    secret = "test/secret+canary=9"
+    leak_watch.secrets.update({secret, "test%2Fsecret%2Bcanary%3D9"})
+    fake.queue_token_response(
+        400,
+        {
+            "error": "invalid_request",
+            "error_description": "bad body: client_secret=test%2Fsecret%2Bcanary%3D9",
+        },
+    )
+    with pytest.raises(TokenRequestError) as caught:
+        make_auth(client_secret=secret).get_token()
+    assert "client_secret=***" in str(caught.value)
+    assert leak_watch.leaks(str(caught.value)) == []
 
 
 # ---- URLs with a user name or password ---------------------------------------------------

@@ -22,14 +22,23 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import requests
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, LeakWatch
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    ROOT,
+    LeakWatch,
+    MakeAuth,
+    auth_maker,
+    run_python,
+    serve_watched,
+)
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
 from transport_helpers import ConnectProxy, DripServer, TestCA
@@ -58,37 +67,27 @@ def stranger(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 @pytest.fixture
 def tls_fake(ca: TestCA, leak_watch: LeakWatch) -> Iterator[FakeEdrv]:
     """The fake eDRV over TLS at https://localhost:PORT."""
-    server = FakeEdrv(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, tls=ca.server_context()
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        leak_watch.secrets.update(server.issued_tokens)
+    server = FakeEdrv(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, tls=ca.server_context())
+    yield from serve_watched(server, leak_watch)
 
 
 @pytest.fixture
-def make_tls_auth(tls_fake: FakeEdrv, clean_env: Path) -> Callable[..., EdrvAuth]:
-    def make(**overrides: Any) -> EdrvAuth:
-        options: dict[str, Any] = {
-            "token_url": tls_fake.token_url,
-            "api_url": tls_fake.url,
-            "cache_dir": clean_env,
-            **overrides,
-        }
-        return EdrvAuth(CLIENT_ID, CLIENT_SECRET, **options)
+def make_tls_auth(tls_fake: FakeEdrv, clean_env: Path) -> MakeAuth:
+    """Build an EdrvAuth pointed at the TLS fake, with the test's cache folder."""
+    return auth_maker(tls_fake, cache_dir=clean_env)
 
-    return make
+
+@pytest.fixture
+def ca_in_env(ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust the CA through the environment, for requests and httpx alike."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
 
 
 @pytest.fixture
 def proxy() -> Iterator[ConnectProxy]:
-    server = ConnectProxy().start()
-    try:
+    with ConnectProxy() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _api_call(library: str, auth: EdrvAuth, url: str, verify: Any = None) -> int:
@@ -117,7 +116,7 @@ def _cap_record(auth: EdrvAuth) -> tuple[float, ...]:
     ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"],
 )
 def test_ca_variable_is_trusted_like_the_library_trusts_it(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
@@ -141,7 +140,7 @@ def test_ca_variable_is_trusted_like_the_library_trusts_it(
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("form", ["file", "folder", "pathlike", "context"])
 def test_verify_argument_is_used_as_given(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     library: str,
@@ -161,7 +160,7 @@ def test_verify_argument_is_used_as_given(
 
 
 def test_verify_path_wins_over_the_environment(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     ca: TestCA,
     stranger: TestCA,
     monkeypatch: pytest.MonkeyPatch,
@@ -180,7 +179,7 @@ def test_verify_path_wins_over_the_environment(
 )
 @pytest.mark.parametrize("which", ["requests", "httpx"])
 def test_requests_and_httpx_variables_together_trust_both(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     ca: TestCA,
     stranger: TestCA,
     monkeypatch: pytest.MonkeyPatch,
@@ -227,14 +226,7 @@ def test_certifi_is_the_default_trust(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env["PYTHONPATH"] = str(ROOT)
     args = [str(ca.bundle), CLIENT_SECRET, tls_fake.url, str(clean_env), library]
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    result = run_python("-c", code, *args, env=env)
     assert (result.returncode, result.stdout.strip()) == (0, "200"), result.stderr
     assert tls_fake.token_requests == 1
 
@@ -265,7 +257,7 @@ def test_context_is_built_once_per_process(ca: TestCA, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_untrusted_certificate_names_the_fix_and_is_not_retried_or_counted(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     stranger: TestCA,
     ca: TestCA,
@@ -322,7 +314,7 @@ def test_hostname_mismatch_says_so(
 
 
 def test_bundle_that_does_not_exist_is_named(
-    make_tls_auth: Callable[..., EdrvAuth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_tls_auth: MakeAuth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A variable naming a missing bundle: the error names the variable and the path."""
     missing = tmp_path / "no-such-bundle.pem"
@@ -377,7 +369,7 @@ def test_construction_with_verify_sends_and_builds_nothing(
 
 
 def test_pickling_keeps_a_verify_path(
-    make_tls_auth: Callable[..., EdrvAuth], tls_fake: FakeEdrv, ca: TestCA, clean_env: Path
+    make_tls_auth: MakeAuth, tls_fake: FakeEdrv, ca: TestCA, clean_env: Path
 ) -> None:
     """verify= a path pickles with the instance, and the copy trusts the same CA."""
     auth = make_tls_auth(verify=str(ca.bundle))
@@ -387,9 +379,7 @@ def test_pickling_keeps_a_verify_path(
     assert tls_fake.token_requests == 1
 
 
-def test_pickling_with_a_verify_context_fails_clearly(
-    make_tls_auth: Callable[..., EdrvAuth], ca: TestCA
-) -> None:
+def test_pickling_with_a_verify_context_fails_clearly(make_tls_auth: MakeAuth, ca: TestCA) -> None:
     """An SSLContext cannot cross processes: pickling says so, not a raw TypeError."""
     auth = make_tls_auth(verify=ca.client_context())
     with pytest.raises(EdrvAuthError, match=r"verify= is an ssl\.SSLContext"):
@@ -401,10 +391,10 @@ def test_pickling_with_a_verify_context_fails_clearly(
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"])
+@pytest.mark.usefixtures("ca_in_env")
 def test_proxy_variable_routes_the_token_request_through_a_tunnel(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
-    ca: TestCA,
     proxy: ConnectProxy,
     monkeypatch: pytest.MonkeyPatch,
     library: str,
@@ -412,8 +402,6 @@ def test_proxy_variable_routes_the_token_request_through_a_tunnel(
 ) -> None:
     """HTTPS_PROXY or ALL_PROXY: the token request and the API call both tunnel through it."""
     monkeypatch.setenv(variable, proxy.url)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
     auth = make_tls_auth()
     auth.get_token()  # the token request alone: one tunnel
     authority = tls_fake.url.removeprefix("https://")
@@ -425,10 +413,10 @@ def test_proxy_variable_routes_the_token_request_through_a_tunnel(
 
 @pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("no_proxy", ["localhost", "*", ".localhost", "127.0.0.1"])
+@pytest.mark.usefixtures("ca_in_env")
 def test_no_proxy_naming_the_host_goes_direct(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
-    ca: TestCA,
     proxy: ConnectProxy,
     monkeypatch: pytest.MonkeyPatch,
     library: str,
@@ -444,8 +432,6 @@ def test_no_proxy_naming_the_host_goes_direct(
     monkeypatch.setenv("ALL_PROXY", proxy.url)
     # requests honours "*" only as the whole value
     monkeypatch.setenv("NO_PROXY", no_proxy if no_proxy == "*" else f"example.com, {no_proxy}")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca.bundle))
     auth = make_tls_auth()
     auth.get_token()
     tunnelled = no_proxy == "127.0.0.1"
@@ -488,7 +474,7 @@ def test_no_proxy_matches_addresses_and_networks() -> None:
 
 
 def test_proxy_credentials_are_sent_and_never_shown(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
@@ -497,8 +483,7 @@ def test_proxy_credentials_are_sent_and_never_shown(
     """A proxy URL with a user and password sends Proxy-Authorization; nothing shows them."""
     password = "test-proxy-password-canary-71f0"
     leak_watch.secrets.add(password)
-    guarded = ConnectProxy(credentials=f"test-user:{password}").start()
-    try:
+    with ConnectProxy(credentials=f"test-user:{password}") as guarded:
         monkeypatch.setenv("HTTPS_PROXY", guarded.url)
         auth = make_tls_auth(verify=str(ca.bundle))
         assert auth.get_token()
@@ -508,8 +493,6 @@ def test_proxy_credentials_are_sent_and_never_shown(
         auth.clear()
         with pytest.raises(TokenRequestError) as info:
             auth.get_token()
-    finally:
-        guarded.stop()
     message = str(info.value)
     assert "refused the tunnel" in message
     assert "407" in message
@@ -520,7 +503,7 @@ def test_proxy_credentials_are_sent_and_never_shown(
 
 @pytest.mark.parametrize("status", [403, 407])
 def test_proxy_refusing_the_tunnel_says_so_and_is_not_retried(
-    make_tls_auth: Callable[..., EdrvAuth],
+    make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
@@ -528,14 +511,11 @@ def test_proxy_refusing_the_tunnel_says_so_and_is_not_retried(
     status: int,
 ) -> None:
     """A proxy answering CONNECT with 403/407: "refused the tunnel", final and not counted."""
-    refusing = ConnectProxy(refuse=status).start()
-    try:
+    with ConnectProxy(refuse=status) as refusing:
         monkeypatch.setenv("HTTPS_PROXY", refusing.url)
         auth = make_tls_auth(verify=str(ca.bundle))
         with pytest.raises(TokenRequestError) as info:
             auth.get_token()
-    finally:
-        refusing.stop()
     message = str(info.value)
     assert f"the proxy http://127.0.0.1:{refusing.port} refused the tunnel" in message
     assert f"HTTP {status}" in message
@@ -546,7 +526,7 @@ def test_proxy_refusing_the_tunnel_says_so_and_is_not_retried(
 
 
 def test_unsupported_proxy_scheme_is_named(
-    make_tls_auth: Callable[..., EdrvAuth], monkeypatch: pytest.MonkeyPatch
+    make_tls_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A socks5:// ALL_PROXY fails clearly, naming what is supported (not a hang)."""
     monkeypatch.setenv("ALL_PROXY", "socks5://test-user:test-pw@127.0.0.1:1080")
@@ -719,7 +699,7 @@ def test_silent_tls_handshake_is_bounded_and_not_counted(
 
 
 def test_debuglevel_set_by_the_user_never_prints_the_form(
-    make_auth: Callable[..., EdrvAuth],
+    make_auth: MakeAuth,
     fake: FakeEdrv,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -732,12 +712,22 @@ def test_debuglevel_set_by_the_user_never_prints_the_form(
     assert "client_secret" not in out + err
 
 
+def test_timeout_bounds_the_whole_answer(make_auth: MakeAuth, no_sleep: list[float]) -> None:
+    """A server dripping its answer cannot stretch one attempt past `timeout`."""
+    with DripServer("body") as drip:
+        auth = make_auth(token_url=drip.token_url, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(TokenRequestError, match="timed out"):
+            auth.get_token()
+    assert time.monotonic() - started < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
+
+
 # ---- retries: Retry-After, the overall deadline, jitter ----------------------------------
 
 
 @pytest.mark.parametrize("value", ["99999999999", "0000000000000000000060", "1" + "0" * 400])
 def test_long_all_digit_retry_after_fails_at_once(
-    make_auth: Callable[..., EdrvAuth], fake: FakeEdrv, no_sleep: list[float], value: str
+    make_auth: MakeAuth, fake: FakeEdrv, no_sleep: list[float], value: str
 ) -> None:
     """Any all-digit Retry-After is seconds: one too long to wait fails now, not retried."""
     for _ in range(edrv_auth._MAX_ATTEMPTS):
@@ -772,7 +762,7 @@ def fake_monotonic(monkeypatch: pytest.MonkeyPatch) -> _FakeMonotonic:
 
 
 def test_retry_after_waits_stop_at_the_overall_deadline(
-    make_auth: Callable[..., EdrvAuth], fake: FakeEdrv, fake_monotonic: _FakeMonotonic
+    make_auth: MakeAuth, fake: FakeEdrv, fake_monotonic: _FakeMonotonic
 ) -> None:
     """503s asking for 10 s each, timeout=10: a third attempt could end after 25 s (the
     lock's waiters give up at 30 s), so there is none."""
@@ -785,7 +775,7 @@ def test_retry_after_waits_stop_at_the_overall_deadline(
 
 
 def test_slow_attempts_stop_at_the_overall_deadline(
-    make_auth: Callable[..., EdrvAuth],
+    make_auth: MakeAuth,
     fake: FakeEdrv,
     fake_monotonic: _FakeMonotonic,
     monkeypatch: pytest.MonkeyPatch,
@@ -817,7 +807,7 @@ def test_backoff_is_jittered() -> None:
 
 
 def test_retries_of_two_clients_do_not_sleep_alike(
-    make_auth: Callable[..., EdrvAuth], fake: FakeEdrv, no_sleep: list[float], tmp_path: Path
+    make_auth: MakeAuth, fake: FakeEdrv, no_sleep: list[float], tmp_path: Path
 ) -> None:
     """Two clients failing alike sleep different times: no synchronised retry waves."""
     for i in range(2):

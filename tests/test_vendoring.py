@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import LeakWatch
+from conftest import LeakWatch, run_python
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -47,15 +46,7 @@ def vendored(tmp_path: Path) -> Path:
 def run_script(folder: Path, code: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     (folder / "script.py").write_text(code, encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, "script.py"],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python("script.py", cwd=folder, env=env)
 
 
 @pytest.mark.parametrize(
@@ -81,14 +72,7 @@ def test_vendored_file_works_without_a_client(
 def test_vendored_command_line(vendored: Path) -> None:
     """`python edrv_auth.py --help` and `python -m edrv_auth --help` work from the copy."""
     for command in (["edrv_auth.py", "--help"], ["-m", "edrv_auth", "--help"]):
-        result = subprocess.run(
-            [sys.executable, *command],
-            cwd=vendored,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_python(*command, cwd=vendored, timeout=30)
         assert result.returncode == 0, result.stderr
         assert "token" in result.stdout
 

@@ -106,6 +106,12 @@ class _Listener:
         self._spawn(self._accept_loop)
         return self
 
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
