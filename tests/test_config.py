@@ -81,17 +81,19 @@ def test_explicit_api_key_ignores_client_credentials_in_environment(
     assert (auth._describe(), auth.get_token()) == (None, API_KEY)
 
 
+def _urls(auth: EdrvAuth) -> tuple[str, str, str]:
+    """(token URL, API URL, audience), as the token source sees them."""
+    view = auth._describe()
+    assert view is not None
+    return view.token_url, view.api_url, view.endpoint.audience
+
+
 def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     """URL variables apply when the argument is left at its default; an argument wins."""
     monkeypatch.setenv("EDRV_TOKEN_URL", "http://127.0.0.1:1/oauth/token")
     monkeypatch.setenv("EDRV_API_URL", "http://127.0.0.1:2")
     monkeypatch.setenv("EDRV_AUDIENCE", "https://audience.example")
-    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert (
-        auth._describe().token_url,
-        auth._describe().api_url,
-        auth._describe().endpoint.audience,
-    ) == (
+    assert _urls(EdrvAuth(CLIENT_ID, CLIENT_SECRET)) == (
         "http://127.0.0.1:1/oauth/token",
         "http://127.0.0.1:2",
         "https://audience.example",
@@ -102,12 +104,7 @@ def test_urls_from_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_defaults_are_edrv() -> None:
     """Without configuration the real eDRV endpoints are used."""
-    auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert (
-        auth._describe().token_url,
-        auth._describe().api_url,
-        auth._describe().endpoint.audience,
-    ) == (
+    assert _urls(EdrvAuth(CLIENT_ID, CLIENT_SECRET)) == (
         "https://auth.edrv.io/oauth/token",
         "https://api.edrv.io",
         "https://api.edrv.io",
