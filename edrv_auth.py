@@ -46,7 +46,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 # Only what a warm process needs is imported up front: filelock, urllib.request,
 # argparse and email load on the slow paths that use them (a token request, a
@@ -202,6 +202,21 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
 
 
+def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
+    """Make server-provided text safe for a message: no secrets, no control chars.
+
+    Control characters go first, so that replacing them cannot rebuild a
+    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
+    is shown as ``***`` only.
+    """
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if secrets is not None:
+        text = secrets.mask(text)
+        if secrets.echoes(text):
+            return "***"
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 class _Secret:
     """A client secret, API key or token that never shows itself.
 
@@ -324,6 +339,7 @@ class _Token:
             or not isinstance(expires, (int, float))
             or not _is_number(obtained)
             or not _is_number(expires)
+            or obtained < 0
             or obtained > expires
             # What the token endpoint could not have given (its lifetime is
             # clamped), or a time from a future beyond clock skew: planted.
@@ -332,7 +348,13 @@ class _Token:
             or not isinstance(scope, str)
         ):
             return None
-        return cls(_Secret(data["access_token"]), float(obtained), float(expires), scope)
+        # The scope is printed by `status`: no control characters from a planted record.
+        return cls(
+            _Secret(data["access_token"]),
+            float(obtained),
+            float(expires),
+            _clean(scope, limit=1000),
+        )
 
 
 class _Published:
@@ -566,21 +588,6 @@ def _fold(text: str) -> str:
 
     text = unicodedata.normalize("NFKC", text).casefold()
     return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
-
-
-def _clean(text: str, secrets: _Redactor | None = None, limit: int = 200) -> str:
-    """Make server-provided text safe for a message: no secrets, no control chars.
-
-    Control characters go first, so that replacing them cannot rebuild a
-    secret. Text that still echoes the secret in any encoding (see `_Redactor`)
-    is shown as ``***`` only.
-    """
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    if secrets is not None:
-        text = secrets.mask(text)
-        if secrets.echoes(text):
-            return "***"
-    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 class _Redactor:
@@ -2241,6 +2248,11 @@ def _credentials(
             f"({_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET}), not both"
         )
     if api_key:
+        if not _TOKEN_CHARS.fullmatch(api_key.value):
+            raise EdrvAuthError(
+                f"the API key ({_ENV_API_KEY} or api_key=) cannot go in a header: it must be "
+                "printable ASCII without spaces (a trailing newline, read from a file?)"
+            )
         return api_key
     missing = [
         name
@@ -2257,7 +2269,24 @@ def _credentials(
         )
     if missing or client_id is None or client_secret is None:
         raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
+    if not _is_text(client_id) or not _is_text(client_secret.value):
+        raise EdrvAuthError(
+            f"{_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} must be text (they hold bytes that "
+            "are not UTF-8)"
+        )
     return client_id, client_secret
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8 (environment bytes that do not decode never do).
+
+    A bool, never an error: the encoding error would carry the value.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _require_filelock() -> None:
@@ -2307,10 +2336,11 @@ def _checked_url(name: str, url: str) -> str:
     try:
         scheme, host, _ = _origin(url)
     except ValueError:
-        raise EdrvAuthError(f"{name} is not a valid http(s) URL: {url!r}") from None
+        # Not echoed: a mistyped URL may still hold a password (`https:/user:pw@...`).
+        raise EdrvAuthError(f"{name} is not a valid http(s) URL") from None
     if scheme == "http" and host not in _LOOPBACK_HOSTS:
         raise EdrvAuthError(
-            f"{name} must use https (http is allowed only on a loopback host): {url!r}"
+            f"{name} must use https (http is allowed only on a loopback host, not {host})"
         )
     return url
 
@@ -2397,26 +2427,35 @@ class _ApiOrigin:
         )
 
 
-def _retry_with_new_token(
+def _after_response(
     status: int,
     answered_url: str | httpx.URL,
     header_sent: str | None,
     our_header: str,
     replayable: bool,
     origin: _ApiOrigin,
-) -> bool:
-    """The one 401 policy: whether a response earns one resend with a new token.
+) -> Literal["keep", "renew", "resend"]:
+    """The one 401 policy: what a response means for the token that was sent.
 
-    Only a ``401``, to a request on the API's origin that still carried our
-    header, with a body that can be sent again. Both libraries hand the hook
-    or flow the response that ends a redirect chain: a detour through another
-    origin strips our header (a new token would not help), and a response from
-    another origin is none of our business. A ``403`` means the token is valid
-    but not allowed, which a new token would not change.
+    ``"keep"`` unless it is a ``401`` to a request on the API's origin that
+    still carried our header. Both libraries hand the hook or flow the response
+    that ends a redirect chain: a detour through another origin strips our
+    header (a new token would not help), and a response from another origin is
+    none of our business. A ``403`` means the token is valid but not allowed.
+    Otherwise the token is replaced (``"renew"``), and the request is sent once
+    more with the new one (``"resend"``) if its body can be sent again.
     """
-    return (
-        status == 401 and replayable and header_sent == our_header and origin.matches(answered_url)
-    )
+    if status != 401 or header_sent != our_header or not origin.matches(answered_url):
+        return "keep"
+    return "resend" if replayable else "renew"
+
+
+def _seekable(file: object) -> bool:
+    seekable = getattr(file, "seekable", None)
+    try:
+        return bool(seekable()) if callable(seekable) else False
+    except (OSError, ValueError):
+        return False
 
 
 _IN_MEMORY_BODIES: Final = frozenset({type(None), bytes, str, bytearray, memoryview})
@@ -2430,21 +2469,13 @@ def _replay_position(body: object) -> tuple[bool, int | None]:
     """
     if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
         return True, None
-    if not hasattr(body, "seek") or not hasattr(body, "tell"):
+    if not hasattr(body, "tell") or not _seekable(body):
         return False, None
     try:
         position = body.tell()
     except (OSError, ValueError):
         return False, None
     return (True, position) if isinstance(position, int) else (False, None)
-
-
-def _seekable(file: object) -> bool:
-    seekable = getattr(file, "seekable", None)
-    try:
-        return bool(seekable()) if callable(seekable) else False
-    except (OSError, ValueError):
-        return False
 
 
 def _replayable_httpx_stream(stream: object) -> bool:
@@ -2588,7 +2619,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     # (_TokenSource, or _KeySource for an API key), which makes every token
     # decision. The three adapters (__call__ and _retry_on_401 for requests,
     # sync_auth_flow and async_auth_flow for httpx) only set the header, ask
-    # the one 401 policy (_retry_with_new_token), and hand a rejected token
+    # the one 401 policy (_after_response), and hand a rejected token
     # back to the source.
 
     def __init__(
@@ -2647,6 +2678,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         self._source = _TokenSource(endpoint, stores, float(refresh_margin))
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_source"):  # __init__ raised: error reporters still call repr
+            return "EdrvAuth(<not configured>)"
         view = self._describe()
         if view is None:
             return f"EdrvAuth(api_key='***', api_url={self._origin.url!r})"
@@ -2730,23 +2763,26 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         request; all copies share one hook list, and the hook disarms itself
         there on its first retry, so there is never a second one.
         """
+        if r.status_code != 401:  # spares every other response the lookups below
+            return r
         request = r.request
-        if not _retry_with_new_token(
-            r.status_code,
+        verdict = _after_response(
+            401,
             request.url or "",
             request.headers.get("Authorization"),
             sent.header,
             replayable,
             self._origin,
-        ):
+        )
+        if verdict == "keep":
             return r
         try:
             fresh = self._source.token(sent.access_token)
         except BaseException:
             r.close()
             raise
-        if fresh.access_token == sent.access_token:
-            return r  # the rate cap kept this token: a resend would fail alike
+        if verdict == "renew" or fresh.access_token == sent.access_token:
+            return r  # a body sent once only, or the rate cap kept this token
         hooks = request.hooks["response"]
         for index, hook in enumerate(hooks):  # in place: requests may be iterating over it
             if getattr(hook, "func", None) == self._retry_on_401:
@@ -2763,9 +2799,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         sent = self._source.current() or self._source.token(None)
         request.headers["Authorization"] = sent.header
         response = yield request
-        if self._retry_httpx(request, response, sent):
+        verdict = self._verdict(request, response, sent)
+        if verdict != "keep":
             fresh = self._source.token(sent.access_token)
-            if fresh.access_token != sent.access_token:
+            if verdict == "resend" and fresh.access_token != sent.access_token:
                 request.headers["Authorization"] = fresh.header
                 yield request
 
@@ -2777,23 +2814,26 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         sent = self._source.current() or await self._source.atoken(None)
         request.headers["Authorization"] = sent.header
         response = yield request
-        if self._retry_httpx(request, response, sent):
+        verdict = self._verdict(request, response, sent)
+        if verdict != "keep":
             fresh = await self._source.atoken(sent.access_token)
-            if fresh.access_token != sent.access_token:
+            if verdict == "resend" and fresh.access_token != sent.access_token:
                 request.headers["Authorization"] = fresh.header
                 yield request
 
-    def _retry_httpx(
+    def _verdict(
         self, request: httpx.Request, response: httpx.Response, sent: _Published
-    ) -> bool:
+    ) -> Literal["keep", "renew", "resend"]:
         """The 401 policy for an httpx response: what it answered, what it carried."""
+        if response.status_code != 401 or not self._source.renews:  # spares a 200 the lookups
+            return "keep"
         answered = response.request
-        return _retry_with_new_token(
-            response.status_code,
+        return _after_response(
+            401,
             answered.url,
             answered.headers.get("Authorization"),
             sent.header,
-            self._source.renews and _replayable_httpx_stream(request.stream),
+            _replayable_httpx_stream(request.stream),
             self._origin,
         )
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, LeakWatch, run_python
+from conftest import API_KEY, LeakWatch, MakeAuth, _plant, run_python
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -227,3 +227,42 @@ def test_ctrl_c_while_waiting_for_a_token_exits_130(fake_env: FakeEdrv) -> None:
             child.communicate()
     assert (child.returncode, out) == (130, "")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("obtained_at", "scope"),
+    [
+        (None, "read\x1b]0;pwned\x07\x1b[2J\nfake line: all good"),  # escape codes, a new line
+        (-1e300, "read"),  # a time no clock can show
+    ],
+)
+def test_status_of_a_planted_record_is_plain_lines(
+    fake_env: FakeEdrv,
+    make_auth: MakeAuth,
+    capsys: pytest.CaptureFixture[str],
+    obtained_at: float | None,
+    scope: str,
+) -> None:
+    """Whoever can write the cache cannot make `status` print escape codes, extra lines or
+    a traceback."""
+    import json
+
+    now = time.time()
+    record = {
+        "version": 1,
+        "token": {
+            "access_token": "test-planted-token",
+            "obtained_at": now if obtained_at is None else obtained_at,
+            "expires_at": now + 3600 if obtained_at is None else obtained_at,
+            "scope": scope,
+        },
+        "token_requests": [],
+    }
+    view = make_auth()._describe()
+    assert view is not None
+    _plant(view.file_cache.path, json.dumps(record).encode())
+    assert edrv_auth.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert not any(line.startswith("fake line") for line in out.splitlines())

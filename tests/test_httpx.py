@@ -244,6 +244,8 @@ def test_sync_generator_body_is_not_replayed(fake: FakeEdrv, client: httpx.Clien
     assert response.history == []
     assert fake.api_bodies == [body]
     assert fake.api_requests == 1
+    assert fake.token_requests == 1  # the rejected token is replaced all the same
+    assert client.post(f"{fake.url}/v1.1/upload", content=_body_chunks(body)).status_code == 200
 
 
 class _ReadOnlyFile:
@@ -583,11 +585,13 @@ async def test_async_generator_body_is_not_replayed(fake: FakeEdrv, make_auth: M
         fake.expire_all()
         fake.reset_counters()
         response = await client.post(f"{fake.url}/v1.1/upload", content=_abody_chunks(body))
+        again = await client.post(f"{fake.url}/v1.1/upload", content=_abody_chunks(body))
 
     assert response.status_code == 401
     assert response.history == []
-    assert fake.api_bodies == [body]
-    assert fake.api_requests == 1
+    assert again.status_code == 200  # the rejected token was replaced all the same
+    assert fake.api_bodies == [body, body]
+    assert (fake.api_requests, fake.token_requests) == (2, 1)
 
 
 @pytest.mark.anyio

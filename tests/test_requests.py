@@ -109,7 +109,8 @@ def test_file_body_is_rewound_for_the_retry(
 def test_generator_body_is_never_sent_twice(
     fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
 ) -> None:
-    """A body that cannot be replayed is sent once, and the caller gets the 401."""
+    """A body that cannot be replayed is sent once, and the caller gets the 401; the
+    rejected token is still replaced, so the next request goes through at once."""
     auth = rejected_auth
 
     def chunks() -> Iterator[bytes]:
@@ -119,7 +120,25 @@ def test_generator_body_is_never_sent_twice(
     response = session.post(f"{fake.url}/v1.1/x", data=chunks(), auth=auth, timeout=5)
     assert response.status_code == 401
     assert fake.api_bodies == [b"one-shot"]
-    assert fake.token_requests == 1
+    assert fake.token_requests == 2
+    assert session.post(f"{fake.url}/v1.1/x", data=chunks(), auth=auth, timeout=5).ok
+    assert (fake.api_requests, fake.token_requests) == (2, 2)
+
+
+def test_body_that_tells_but_cannot_seek_gets_the_401(
+    fake: FakeEdrv, rejected_auth: EdrvAuth, session: requests.Session
+) -> None:
+    """A stream with a position but no way back is sent once: the 401, not a seek error."""
+    import io
+
+    class Unseekable(io.BytesIO):
+        def seekable(self) -> bool:
+            return False
+
+    body = Unseekable(b"one-shot")
+    response = session.post(f"{fake.url}/v1.1/x", data=body, auth=rejected_auth, timeout=5)
+    assert response.status_code == 401
+    assert fake.api_bodies == [b"one-shot"]
 
 
 def test_concurrent_401s_with_one_token_cause_one_token_request(

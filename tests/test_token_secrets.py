@@ -212,6 +212,68 @@ def test_url_with_userinfo_in_the_environment_is_refused_by_the_cli(
     assert leak_watch.leaks(out, err) == []
 
 
+@pytest.mark.parametrize("option", ["token_url", "api_url"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "test-user:test-url-password-canary@auth.example/oauth/token",  # no scheme
+        "https:/test-user:test-url-password-canary@auth.example/oauth/token",  # one slash
+    ],
+)
+def test_mistyped_url_is_refused_without_echo(option: str, url: str, leak_watch: LeakWatch) -> None:
+    """A URL too broken to parse its user name is refused all the same, and never shown."""
+    leak_watch.secrets.add("test-url-password-canary")
+    with pytest.raises(EdrvAuthError, match=f"{option} is not a valid") as info:
+        EdrvAuth(CLIENT_ID, SECRET, **{option: url})
+    assert leak_watch.leaks(str(info.value), repr(info.value)) == []
+
+
+# ---- credentials that cannot be sent --------------------------------------------------
+
+
+def test_api_key_that_cannot_go_in_a_header_is_refused_without_echo(
+    leak_watch: LeakWatch,
+) -> None:
+    """An API key read from a file with its newline is refused at construction, not shown
+    later by requests or h11 in a header error."""
+    key = "test-api-key-newline-canary\n"
+    leak_watch.secrets.add(key.strip())
+    with pytest.raises(EdrvAuthError, match="cannot go in a header") as info:
+        EdrvAuth(api_key=key)
+    assert leak_watch.leaks(str(info.value), repr(info.value)) == []
+    assert [text for _, text in reporter_view(info.value) if key.strip() in text] == []
+
+
+def test_secret_that_is_not_text_is_refused_without_echo(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], leak_watch: LeakWatch
+) -> None:
+    """Environment bytes that are not UTF-8 make a secret that cannot be sent: one line
+    from the CLI, the secret neither in it nor in any frame of the error."""
+    secret = "test-surrogate-canary\udcff"
+    leak_watch.secrets.add("test-surrogate-canary")
+    with pytest.raises(EdrvAuthError, match="must be text") as info:
+        EdrvAuth(CLIENT_ID, secret)
+    assert [text for _, text in reporter_view(info.value) if "surrogate-canary" in text] == []
+    monkeypatch.setenv("EDRV_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", secret)
+    assert edrv_auth.main(["token"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err.count("\n")) == ("", 1)
+    assert leak_watch.leaks(err) == []
+
+
+def test_repr_of_an_instance_whose_construction_failed() -> None:
+    """Error reporters call repr on the half-built instance in __init__'s frame: it works."""
+    import traceback
+
+    with pytest.raises(EdrvAuthError) as info:
+        EdrvAuth(CLIENT_ID, SECRET, refresh_margin=-1)
+    report = "".join(
+        traceback.TracebackException.from_exception(info.value, capture_locals=True).format()
+    )
+    assert "EdrvAuth(<not configured>)" in report
+
+
 # ---- transport failures: what the frames hold ------------------------------------------
 
 
