@@ -383,6 +383,35 @@ def test_directory_in_place_of_file_degrades_to_memory(
 # ---- a cache folder that cannot be used -----------------------------------
 
 
+def test_threads_share_one_token_request_without_a_usable_cache(
+    make_auth: MakeAuth, fake: FakeEdrv, tmp_path: Path
+) -> None:
+    """With no cache folder to lock, the threads of one process still make one token
+    request: the in-process lock alone keeps them in single file."""
+    (tmp_path / "afile").write_text("a regular file, so nothing can be created below it")
+    auth = make_auth(cache_dir=tmp_path / "afile" / "cache")
+    fake.token_delay = 0.3  # keep the first request in flight while the others arrive
+    start = threading.Barrier(8)
+    tokens: list[str] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            start.wait()
+            tokens.append(auth.get_token())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(set(tokens)) == 1
+    assert fake.token_requests == 1
+
+
 def test_uncreatable_cache_dir_works_from_memory(
     make_auth: MakeAuth,
     fake: FakeEdrv,
