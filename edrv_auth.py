@@ -2289,14 +2289,20 @@ def _is_text(value: str) -> bool:
     return True
 
 
+#: Whether `_require_filelock` found filelock in this process (a list, so that
+#: the function needs no ``global``).
+_filelock_found: list[bool] = []
+
+
 def _require_filelock() -> None:
     """Refuse client-credentials mode at once when ``filelock`` cannot be imported.
 
     The vendored file may land where filelock is missing; without this check a
     warm cache would work until the first renewal, which then died with a
-    ModuleNotFoundError. Finding the module is cheap; importing it waits.
+    ModuleNotFoundError. Finding the module is cheaper than importing it, but
+    not free (a walk of sys.path): once found, it is not looked for again.
     """
-    if sys.modules.get("filelock") is not None:
+    if _filelock_found or sys.modules.get("filelock") is not None:
         return
     import importlib.util
 
@@ -2308,6 +2314,7 @@ def _require_filelock() -> None:
         raise EdrvAuthError(
             "edrv_auth needs the filelock package for its token cache: pip install filelock"
         )
+    _filelock_found.append(True)
 
 
 def _has_userinfo(url: str) -> bool:
