@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, LeakWatch
+from conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, LeakWatch, MakeAuth
+from fake_edrv import FakeEdrv
 
 import edrv_auth
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
@@ -250,6 +251,23 @@ def test_auth_pickles_without_runtime_state(clean_env: Path) -> None:
     assert copy._describe().thread_lock is not lock
     assert copy._describe().file_cache.path == auth._describe().file_cache.path
     assert copy._describe().published is None
+
+
+def test_a_used_auth_pickles_without_its_token(fake: FakeEdrv, make_auth: MakeAuth) -> None:
+    """After requests through requests and httpx, the pickle holds no token: the child
+    reads the shared cache instead (and shares the parent's token through it)."""
+    import httpx
+    import requests
+
+    auth = make_auth()
+    assert requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code == 200
+    with httpx.Client(auth=auth) as client:
+        assert client.get(f"{fake.url}/v1.1/x").status_code == 200
+    (token,) = fake.issued_tokens
+    data = pickle.dumps(auth)
+    assert token.encode() not in data
+    assert pickle.loads(data).get_token() == token
+    assert fake.token_requests == 1
 
 
 def test_redis_url_without_the_redis_package_says_how_to_install_it(
