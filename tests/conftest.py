@@ -16,9 +16,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -67,6 +68,32 @@ def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_bytes(data)
     os.chmod(path, mode)
+
+
+T = TypeVar("T")
+
+
+def in_threads(count: int, call: Callable[[], T]) -> list[T]:
+    """Run ``call`` in ``count`` threads released together; their results, or the first error."""
+    start = threading.Barrier(count, timeout=10)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            start.wait()
+            results.append(call())
+        except BaseException as exc:  # re-raised in the calling thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 _CLEARED_PREFIXES = ("EDRV_",)

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, Clock, MakeAuth, _plant
+from conftest import CLIENT_ID, CLIENT_SECRET, Clock, MakeAuth, _plant, in_threads
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -391,23 +391,7 @@ def test_threads_share_one_token_request_without_a_usable_cache(
     (tmp_path / "afile").write_text("a regular file, so nothing can be created below it")
     auth = make_auth(cache_dir=tmp_path / "afile" / "cache")
     fake.token_delay = 0.3  # keep the first request in flight while the others arrive
-    start = threading.Barrier(8)
-    tokens: list[str] = []
-    errors: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            start.wait()
-            tokens.append(auth.get_token())
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=fetch) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    tokens = in_threads(8, auth.get_token)
     assert len(set(tokens)) == 1
     assert fake.token_requests == 1
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import API_KEY, LeakWatch, MakeAuth
+from conftest import API_KEY, LeakWatch, MakeAuth, in_threads
 from fake_edrv import FakeEdrv
 
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
@@ -147,24 +146,12 @@ def test_concurrent_401s_with_one_token_cause_one_token_request(
     """16 threads rejected with the same token share one new token."""
     auth = rejected_auth
     fake.token_delay = 0.2  # keep the refresh in flight while the others arrive
-    barrier = threading.Barrier(16)
-    statuses: list[int] = []
-    errors: list[BaseException] = []
 
-    def call() -> None:
-        try:
-            with requests.Session() as s:
-                barrier.wait()
-                statuses.append(s.get(f"{fake.url}/v1.1/x", auth=auth, timeout=10).status_code)
-        except BaseException as exc:  # re-raised in the main thread below
-            errors.append(exc)
+    def call() -> int:
+        with requests.Session() as s:
+            return s.get(f"{fake.url}/v1.1/x", auth=auth, timeout=10).status_code
 
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    statuses = in_threads(16, call)
     assert statuses == [200] * 16
     assert fake.token_requests == 2  # the first token, then one replacement
 
