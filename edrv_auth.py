@@ -28,9 +28,11 @@ Sections, each built only from the ones above it:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -116,10 +118,11 @@ _RETRY_AFTER_CAP: Final = 10.0
 #: set, counted in the shared cache across every process.
 _MAX_TOKEN_REQUESTS: Final = 5
 _TOKEN_REQUEST_WINDOW: Final = 60.0
-#: A floor under the lifetime used to schedule renewals: a bogus `expires_in`
-#: (a millisecond) must not make every API call a token request. A token that
-#: really dies sooner is caught by the 401 retry, whose requests the cap counts.
-_MIN_LIFETIME: Final = 5.0
+#: A lifetime under this is taken as this long: a bogus `expires_in` (a
+#: millisecond) must not make every API call a token request. Longer lifetimes
+#: are honoured exactly; a token that really dies sooner is caught by the 401
+#: retry, whose requests the cap counts.
+_MIN_LIFETIME: Final = 1.0
 #: After a failed renewal the current token stays in use until it expires, and
 #: renewal is tried again this long after (or at expiry, if that comes first):
 #: an outage costs one token request per process per interval, not one per call.
@@ -149,11 +152,30 @@ _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 
-# Indirections that tests replace to control time without sleeping.
-_now: Callable[[], float] = time.time
-_sleep: Callable[[float], None] = time.sleep
-#: Only for when to try an unreachable Redis again (tests move it forward).
-_redis_clock: Callable[[], float] = time.monotonic
+
+class _Clock:
+    """The module's one clock: wall time (token lifetimes, the shared records),
+    monotonic time (deadlines, lock waits) and sleeping (backoff).
+
+    Tests replace `_clock` with one they move forward, so that expiry needs no
+    sleeping. The attributes are the functions themselves: the hot path pays
+    one attribute lookup, not a method call.
+    """
+
+    __slots__ = ("monotonic", "sleep", "time")
+
+    def __init__(
+        self,
+        time: Callable[[], float],
+        monotonic: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.time = time
+        self.monotonic = monotonic
+        self.sleep = sleep
+
+
+_clock = _Clock(time.time, time.monotonic, time.sleep)
 
 
 # ---- Errors -----------------------------------------------------------------
@@ -303,17 +325,15 @@ class _Token:
     __hash__ = None  # type: ignore[assignment]
 
     def refresh_at(self, margin: float) -> float:
-        """When to stop using this token, ``margin`` seconds before expiry.
+        """When to start replacing this token: ``margin`` seconds before it expires.
 
         A lifetime no longer than the margin would make every token stale at
-        birth, so the margin shrinks to half the lifetime in that case. A
-        lifetime under `_MIN_LIFETIME` is scheduled as that long.
+        birth, so the margin shrinks to half the lifetime in that case.
         """
-        expires_at = max(self.expires_at, self.obtained_at + _MIN_LIFETIME)
-        lifetime = expires_at - self.obtained_at
+        lifetime = self.expires_at - self.obtained_at
         if lifetime < margin or math.isclose(lifetime, margin):  # equal: stale at birth too
             margin = lifetime / 2
-        return expires_at - margin
+        return self.expires_at - margin
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -344,7 +364,7 @@ class _Token:
             # What the token endpoint could not have given (its lifetime is
             # clamped), or a time from a future beyond clock skew: planted.
             or expires - obtained > _MAX_EXPIRES_IN + 1
-            or obtained > _now() + _CLOCK_SKEW
+            or obtained > _clock.time() + _CLOCK_SKEW
             or not isinstance(scope, str)
         ):
             return None
@@ -380,8 +400,51 @@ class _Published:
         return f"_Published(serve_until={self.serve_until!r})"
 
 
+class _SharedFailure(NamedTuple):
+    """A token request that failed, kept in the shared record for whoever waited for it.
+
+    Processes and threads that were waiting for the lock while it failed get
+    this error instead of repeating the request one after another. Only safe
+    text is kept: the message an error of this module carries.
+    """
+
+    at: float
+    message: str
+    status_code: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, exc: TokenRequestError, at: float) -> _SharedFailure:
+        return cls(at, str(exc), exc.status_code, exc.error)
+
+    def to_raise(self) -> TokenRequestError:
+        return TokenRequestError(self.message, self.status_code, self.error)
+
+    def to_json(self) -> dict[str, object]:
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, data: object) -> _SharedFailure | None:
+        """The failure a record holds, or ``None`` if it is not one we could have written."""
+        if not isinstance(data, dict):
+            return None
+        at, message = data.get("at"), data.get("message")
+        status, error = data.get("status_code"), data.get("error")
+        if (
+            not isinstance(at, (int, float))
+            or not _is_number(at)
+            or at > _clock.time() + _CLOCK_SKEW
+            or not isinstance(message, str)
+            or not (status is None or (isinstance(status, int) and 100 <= status <= 599))
+            or not (error is None or (isinstance(error, str) and _ERROR_CODE.fullmatch(error)))
+        ):
+            return None
+        # `status` prints nothing of it, but a message is raised: no control characters.
+        return cls(float(at), _clean(message, limit=1000), status, error)
+
+
 class _CacheRecord(NamedTuple):
-    """What the shared cache holds: the token, and what the rate cap counts.
+    """What the shared cache holds: the token, what the rate cap counts, the last failure.
 
     The storm cap counts, in ``requests``, every token request
     except a renewal: the successful replacement of a token that reached its
@@ -396,6 +459,8 @@ class _CacheRecord(NamedTuple):
     renewed_at: float | None = None
     #: A renewal of ``token`` failed: keep using it, and try again at this time.
     renew_after: float | None = None
+    #: The last token request failed, and no token was left to use.
+    failure: _SharedFailure | None = None
 
     def counted_times(self, now: float) -> tuple[float, ...]:
         """The counted token-request times within the cap's window ending at ``now``."""
@@ -406,26 +471,32 @@ class _CacheRecord(NamedTuple):
     def after_request(
         self,
         token: _Token | None,
-        stale: _Secret | None,
-        sent: list[float],
+        rejected: _Secret | None,
+        sent: Sequence[float],
         now: float,
         renew_after: float | None = None,
+        failure: _SharedFailure | None = None,
     ) -> _CacheRecord:
-        """The state after a token request that sent ``sent`` attempts.
+        """The record after a token request whose attempts reached eDRV at ``sent``.
 
-        A token the API rejected (``stale``) is dropped even if no new one came;
-        ``renew_after`` is kept only with the token that a renewal failed to replace.
+        A token the API rejected is dropped even if no new one came;
+        ``renew_after`` is kept only with the token that a renewal failed to
+        replace, and ``failure`` only when no token is left.
         """
         window = now - _TOKEN_REQUEST_WINDOW
         requests = [t for t in self.requests if t > window]
         renewed_at, counted = self.renewed_at, list(sent)
-        if token is not None and stale is None and self.token is not None and counted:
+        if token is not None and rejected is None and self.token is not None and counted:
             renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
         requests.extend(counted)
-        kept = self.token if self.token and self.token.access_token != stale else None
+        kept = self.token if self.token and self.token.access_token != rejected else None
         renew_after = renew_after if token is None and kept is not None else None
         return _CacheRecord(
-            token or kept, tuple(requests[-_MAX_TOKEN_REQUESTS:]), renewed_at, renew_after
+            token or kept,
+            tuple(requests[-_MAX_TOKEN_REQUESTS:]),
+            renewed_at,
+            renew_after,
+            failure if token is None and kept is None else None,
         )
 
     def without_token(self) -> _CacheRecord:
@@ -440,11 +511,18 @@ def _dump_record(state: _CacheRecord) -> bytes:
             "token_requests": list(state.requests),
             "renewed_at": state.renewed_at,
             "renew_after": state.renew_after,
+            "failure": state.failure.to_json() if state.failure else None,
         }
     ).encode()
 
 
 def _parse_record(raw: bytes) -> _CacheRecord | None:
+    """The record in ``raw``, or ``None`` unless every part of it is one we could have written.
+
+    A record with one untrustworthy part (a token that is not one, a failure
+    from the future) is ignored whole, request times included: whoever
+    planted it may have chosen those too.
+    """
     data = _json_object(raw)
     if data is None or data.get("version") != 1:
         return None
@@ -454,18 +532,20 @@ def _parse_record(raw: bytes) -> _CacheRecord | None:
     renewed_at = data.get("renewed_at")
     if renewed_at is not None and not _is_number(renewed_at):
         return None
-    token_data = data.get("token")
+    token_data, failure_data = data.get("token"), data.get("failure")
     token = _Token.from_json(token_data)
-    if token is None and token_data is not None:
+    failure = _SharedFailure.from_json(failure_data)
+    if (token is None and token_data is not None) or (failure is None and failure_data is not None):
         return None
     requests = tuple(float(t) for t in requests[-_MAX_TOKEN_REQUESTS:])
     # Absent (older writers), or not a retry time we would have set: ignored.
     renew_after: float | None = None
     if _is_number(data.get("renew_after")):
         renew_after = float(data["renew_after"])
-        renew_after = renew_after if renew_after <= _now() + _RENEW_RETRY + _CLOCK_SKEW else None
+        limit = _clock.time() + _RENEW_RETRY + _CLOCK_SKEW
+        renew_after = renew_after if renew_after <= limit else None
     return _CacheRecord(
-        token, requests, None if renewed_at is None else float(renewed_at), renew_after
+        token, requests, None if renewed_at is None else float(renewed_at), renew_after, failure
     )
 
 
@@ -513,11 +593,6 @@ _ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
 #: Built SSL contexts, one per trust configuration and process (a context is
 #: costly to build: certifi's bundle alone holds about 150 certificates).
 _contexts: dict[tuple[int, tuple[tuple[str, str], ...]], ssl.SSLContext] = {}
-
-
-# Indirection for tests of the overall deadline; each attempt's own deadline is
-# always real time, since sockets wait in real time.
-_monotonic: Callable[[], float] = time.monotonic
 
 
 class _Answer:
@@ -1115,7 +1190,7 @@ def _parse_token(answer: _Answer, obtained_at: float, redactor: _Redactor) -> _T
         return "the token endpoint's answer has an invalid expires_in (not a positive number)"
     scope = data.get("scope")
     scope = _clean(scope, redactor, limit=1000) if isinstance(scope, str) else ""
-    lifetime = min(float(expires_in), _MAX_EXPIRES_IN)
+    lifetime = min(max(float(expires_in), _MIN_LIFETIME), _MAX_EXPIRES_IN)
     token = _Token(_Secret(access_token), obtained_at, obtained_at + lifetime, scope)
     _log.debug("obtained a token valid for %.0f s (scope %r)", lifetime, token.scope)
     return token
@@ -1179,7 +1254,7 @@ def _retry_after(value: str | None) -> float | None:
 
     with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
         moment = email.utils.parsedate_to_datetime(value)
-        return max(float(moment.timestamp()) - _now(), 0.0)
+        return max(float(moment.timestamp()) - _clock.time(), 0.0)
     return None
 
 
@@ -1258,31 +1333,34 @@ class _TokenEndpoint:
             )
         )
 
-    def request(self, attempts: int, sent: list[float]) -> _Token:
+    def request(self, attempts: int) -> tuple[_Token | TokenRequestError, list[float]]:
         """Ask the token endpoint for a token, retrying transient failures.
 
         Connection errors, timeouts, 429 and 5xx are retried with exponential
         backoff and jitter (a `Retry-After` is honoured up to a cap); other 4xx,
         an untrusted certificate and a proxy refusing the tunnel are final. Each
         attempt ends by ``timeout``, and all of them within `_FETCH_DEADLINE`.
-        ``sent`` receives the time of every attempt that reached the endpoint,
-        for the shared rate cap. Returns the parsed token.
 
-        Nothing here holds the secret, the answer or a token in a plain local,
-        and every error is raised outside an ``except`` block: error reporters
-        collect the locals of each frame of an error and of its chained ones.
+        Returns the token, or the error to raise; and the time of every
+        attempt that reached the endpoint, which the shared rate cap counts.
+        The caller raises: nothing here holds the secret, the answer or a token
+        in a plain local, and error reporters collect the locals of each frame
+        of an error and of its chained ones.
         """
         redactor = _Redactor(self.client_id, self.client_secret)
-        started = _monotonic()
-        for attempt in range(1, attempts + 1):
+        started = _clock.monotonic()
+        sent: list[float] = []
+        attempt = 0
+        while True:
+            attempt += 1
             _log.debug("requesting a token from %s (attempt %d)", self.url, attempt)
-            obtained_at = _now()
+            obtained_at = _clock.time()
             answer = _post(self.url, self.form(), self.timeout, self.verify)
             if isinstance(answer, _Answer):
                 sent.append(obtained_at)
                 outcome = _judge(self.url, answer, redactor, obtained_at)
                 if isinstance(outcome, _Token):
-                    return outcome
+                    return outcome, sent
             else:
                 outcome = answer
                 if outcome.reached:
@@ -1290,15 +1368,14 @@ class _TokenEndpoint:
             delay = _backoff(attempt, outcome.retry_after)
             if (
                 not outcome.retry
-                or attempt == attempts
-                or _monotonic() - started + delay + self.timeout > _FETCH_DEADLINE
+                or attempt >= attempts
+                or _clock.monotonic() - started + delay + self.timeout > _FETCH_DEADLINE
             ):
-                raise outcome.error
+                return outcome.error, sent
             _log.debug(
                 "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
             )
-            _sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+            _clock.sleep(delay)
 
 
 # ---- Shared caches: one small interface, a file and Redis -------------------
@@ -1346,9 +1423,16 @@ class _UnsafeFolder(OSError):
         super().__init__(0, reason)
 
 
-def _key_digest(key: str) -> str:
-    """A name for one credential set that reveals none of its parts."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+def _credential_digest(token_url: str, audience: str, client_id: str, secret: _Secret) -> str:
+    """The name of one credential set's cache entry: token URL, audience, client id, secret.
+
+    An HMAC keyed by the secret: a wrong or rotated secret has its own entry
+    (and its own rate cap) and never receives the token cached for another,
+    while the name reveals none of its parts and cannot be turned back into
+    the secret.
+    """
+    message = f"{token_url}\n{audience}\n{client_id}".encode()
+    return hmac.new(secret.value.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
 def _untrusted(info: os.stat_result) -> str | None:
@@ -1386,15 +1470,15 @@ def _default_cache_dir() -> Path:
 class _FileCache:
     """The token cache file shared by every process of one user.
 
-    One file per (token_url, audience, client_id), named by a hash so that no
-    identifier shows in the file name, inside a ``0700`` folder. Writes go to a
+    One file per credential set (token URL, audience, client id and secret),
+    named by `_credential_digest` so that no part of it shows in the file
+    name, inside a ``0700`` folder. Writes go to a
     temporary ``0600`` file that atomically replaces the old one. Reads trust
     only a regular file owned by this user and not writable by others, opened
     without following symbolic links; anything else is ignored and replaced.
     """
 
-    def __init__(self, directory: Path, key: str) -> None:
-        name = _key_digest(key)
+    def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.label = str(directory)
         self.path = directory / f"{name}.json"
@@ -1420,7 +1504,7 @@ class _FileCache:
             self._lock, self._lock_pid = self.make_lock(), os.getpid()
         self.ensure_dir()
         try:
-            self._lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+            self._lock.acquire(timeout=max(deadline - _clock.monotonic(), 0))
         except filelock.Timeout as exc:  # a TimeoutError, hence an OSError: convert first
             raise EdrvAuthError(
                 f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
@@ -1433,6 +1517,11 @@ class _FileCache:
 
     def ensure_dir(self) -> None:
         """Create the folder ``0700``, or make an existing one of ours private.
+
+        A restrictive umask (``0o277``, say) would create it without write
+        permission for its owner; a permissive one is harmless to ``mkdir``
+        but a folder may have been made group-writable since. Either way it is
+        set to ``0700``.
 
         Raises ``OSError`` for a folder that is not ours to use: another user's,
         or anything but a real folder in its place (a symbolic link included).
@@ -1464,8 +1553,8 @@ class _FileCache:
             raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
             raise _UnsafeFolder("the folder is owned by another user")
-        # Breakpoint: permission bits mean nothing on Windows.
-        return os.name == "posix" and bool(info.st_mode & 0o022)
+        # Permission bits mean nothing on Windows.
+        return os.name == "posix" and stat.S_IMODE(info.st_mode) & 0o722 != 0o700
 
     def read(self) -> _CacheRecord | None:
         """Return the cached state, or ``None`` if there is none to trust.
@@ -1535,7 +1624,7 @@ class _FileCache:
         for leftover in self.directory.glob(f".{self.path.name}.*"):
             with contextlib.suppress(OSError):
                 info = leftover.lstat()
-                if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > 60:
+                if stat.S_ISREG(info.st_mode) and _clock.time() - info.st_mtime > 60:
                     leftover.unlink()
 
 
@@ -1605,16 +1694,16 @@ def _redis_label(url: _Secret) -> tuple[str, str]:
 class _RedisCache:
     """The shared state in Redis, for processes on many machines.
 
-    The state is stored under a key derived from a hash of (token_url,
-    audience, client_id), with a TTL that ends when it stops being useful, and
-    holds no secret but the token. Single flight across machines is a
-    ``SET NX PX`` lock with a random owner value, released only by its owner
-    and expiring by itself if the holder dies; the write after a token request
-    is a compare-and-swap in a Lua script. Any Redis error makes the store
-    unusable for a while (``OSError``), so the core falls back to the file.
+    The state is stored under a key named by `_credential_digest`, with a
+    TTL that ends when it stops being useful, and holds no secret but the
+    token. Single flight across machines is a ``SET NX PX`` lock with a
+    random owner value, released only by its owner and expiring by itself if
+    the holder dies; the write after a token request is a compare-and-swap
+    in a Lua script. Any Redis error makes the store unusable for a while
+    (``OSError``), so the core falls back to the file.
     """
 
-    def __init__(self, url: _Secret, key: str) -> None:
+    def __init__(self, url: _Secret, name: str) -> None:
         try:
             import redis  # noqa: F401 - fail at construction, not at the first request
         except ImportError:
@@ -1627,7 +1716,7 @@ class _RedisCache:
         if problem:
             raise EdrvAuthError(problem)
         self.label = label
-        self.key = f"edrv_auth:{_key_digest(key)}"
+        self.key = f"edrv_auth:{name}"
         self.lock_key = f"{self.key}:lock"
         self._url = url
         self._client: Any = None
@@ -1644,7 +1733,7 @@ class _RedisCache:
         """Run one Redis operation; any Redis failure becomes an OSError."""
         import redis
 
-        if _redis_clock() < self._down_until:
+        if _clock.monotonic() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
         try:
             if self._client is None or self._client_pid != os.getpid():
@@ -1656,7 +1745,7 @@ class _RedisCache:
                 self._client_pid = os.getpid()
             return operation(self._client)
         except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
-            self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
+            self._down_until = _clock.monotonic() + _REDIS_RETRY_AFTER
             raise _RedisDown(type(exc).__name__) from exc
 
     def read(self) -> _CacheRecord | None:
@@ -1673,7 +1762,7 @@ class _RedisCache:
         return state
 
     def write(self, state: _CacheRecord, replacing: _Secret | None) -> None:
-        now = _now()
+        now = _clock.time()
         useful_until = max(state.counted_times(now), default=now) + _TOKEN_REQUEST_WINDOW
         if state.token is not None:
             useful_until = max(useful_until, state.token.expires_at)
@@ -1705,13 +1794,13 @@ class _RedisCache:
                 # so that it ends like a dead holder's instead of never.
                 self._call(lambda r: r.eval(_REDIS_EXPIRE_FOREVER, 1, self.lock_key, ttl_ms))
                 checked = True
-            if time.monotonic() >= deadline:
+            if _clock.monotonic() >= deadline:
                 # A lock that never expires (a holder that set no TTL) must not
                 # stop the fleet: leave Redis alone for a while, use the file.
                 _log.debug("timed out waiting for the token lock in Redis %s", self.label)
-                self._down_until = _redis_clock() + _REDIS_RETRY_AFTER
+                self._down_until = _clock.monotonic() + _REDIS_RETRY_AFTER
                 raise _RedisDown("its token lock was held too long")
-            time.sleep(_REDIS_LOCK_POLL)
+            time.sleep(_REDIS_LOCK_POLL)  # waiting for another process: real time
         try:
             yield
         finally:
@@ -1728,7 +1817,7 @@ def _forget_token(store: _Store, deadline: float) -> None:
         if state is None:
             return
         forgotten = state.without_token()
-        if not forgotten.counted_times(_now()):
+        if not forgotten.counted_times(_clock.time()):
             store.remove()
         else:
             store.write(forgotten, state.token.access_token if state.token else None)
@@ -1750,21 +1839,43 @@ class _InFlightFetch:
 
 
 class _ProcessState:
-    """What belongs to one process: the thread lock, in-flight fetches, what was seen.
+    """What belongs to one process: its locks, fetches and renewal, and what it saw.
 
     Locks do not survive pickling, and one held by another thread at fork time
     would never be released in the child; keeping them here lets pickling drop
-    them and a forked child replace them in one step. (The caches keep their
-    own per-process lock and connection the same way.)
+    them and a forked child replace them in one step, a renewal in flight
+    included. (The caches keep their own per-process lock and connection the
+    same way.)
     """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
+        #: Held while a background renewal runs: one at a time.
+        self.renewing = threading.Lock()
+        self.renewal: threading.Thread | None = None  # the latest one started
         self.fetches: dict[tuple[int, _Secret | None], _InFlightFetch] = {}
         self.record = _CacheRecord()  # the last record seen; all there is without a cache
         self.warned: set[str] = set()  # caches already reported unusable
         self.renewal_failing = False  # a failed renewal was logged at WARNING
+
+
+#: Background renewals that this process started and that are still running,
+#: each with the monotonic time by which it ends.
+_renewals: dict[threading.Thread, float] = {}
+
+
+@atexit.register
+def _finish_renewals() -> None:
+    """At exit, let each background renewal end, within its deadline.
+
+    A short-lived process (the command line, a cron script) would otherwise
+    lose a renewal it started when its daemon thread is killed, and the next
+    run, finding the token still due, would request another. Threads inherited
+    across fork() are not running in the child: joining them returns at once.
+    """
+    for thread, ends_by in list(_renewals.items()):
+        thread.join(max(ends_by - _clock.monotonic(), 0.0))
 
 
 def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:
@@ -1792,6 +1903,12 @@ class _TokenSource:
     credential set across threads, processes and machines, and enforces the
     storm cap. It knows nothing about HTTP clients.
 
+    A token past its refresh time that will outlive a token request (it has
+    more than ``timeout`` seconds left) is still sent while a daemon thread
+    renews it: nobody waits for that renewal, in this process or another.
+    A token closer to its expiry, an expired one and a rejected one are
+    replaced before anything is sent.
+
     Thread-safe; safe across fork (the per-process state is replaced in the
     child); pickles without its per-process state and published token.
     """
@@ -1799,11 +1916,18 @@ class _TokenSource:
     renews = True
 
     def __init__(
-        self, endpoint: _TokenEndpoint, stores: tuple[_Store, ...], refresh_margin: float
+        self,
+        endpoint: _TokenEndpoint,
+        file_cache: _FileCache,
+        redis_cache: _RedisCache | None,
+        refresh_margin: float,
     ) -> None:
         self.endpoint = endpoint
-        self.stores = stores
-        self.file_cache: _FileCache = stores[-1]  # type: ignore[assignment]
+        self.file_cache = file_cache
+        #: Where records are shared, in the order they are tried.
+        self.stores: tuple[_Store, ...] = (
+            (file_cache,) if redis_cache is None else (redis_cache, file_cache)
+        )
         self.refresh_margin = refresh_margin
         #: The token the hot path serves, until its ``serve_until``; replaced by
         #: one assignment, so readers need no lock.
@@ -1832,46 +1956,22 @@ class _TokenSource:
         One attribute read, one clock read and one comparison; no lock, no file.
         """
         published = self.published
-        if published is not None and _now() < published.serve_until:
+        if published is not None and _clock.time() < published.serve_until:
             return published
         return None
 
     def token(self, rejected: _Secret | None) -> _Published:
-        """A token to send other than ``rejected``: the one blocking decision.
+        """A token to send other than ``rejected``, the API's refusal of which was just seen.
 
-        ``rejected`` is a token the API has just refused. It is replaced only
-        if the cache still holds it (compare-and-swap): a token that another
-        thread or process already put in its place is returned instead. A
-        token request is made only under the cross-process lock and only while
-        the shared rate cap allows it; past the cap, a token that has not yet
-        expired is handed back, even ``rejected`` itself, which tells a
-        retrying caller not to resend.
+        The published token if it may be sent, or is due but will outlive its
+        renewal (which then starts in the background); otherwise whatever
+        `_obtain` blocks for.
         """
-        process = self.process_state()
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        with self._thread_lock(process, deadline):
-            servable = self._servable(self.published, rejected)
-            if servable is not None:
-                return servable
-            # Every write replaces the record whole, so a read without the lock
-            # is safe: a new process with a warm cache never touches the lock.
-            servable = self._adopt(self.read_shared(process)[1] or process.record, rejected)
-            if servable is not None:
-                _log.debug(
-                    "using the token in the shared cache (%.0f s left)",
-                    servable.token.expires_at - _now(),
-                )
-                return servable
-            with self._lock_first_usable_store(process, deadline) as store:
-                # What the locked store itself holds is what a write may replace:
-                # an empty Redis is filled, whatever token the file mirrors.
-                own = None if store is None else self._read(process, store)
-                record = own or process.record
-                servable = self._adopt(record, rejected)
-                if servable is not None:
-                    return servable
-                replacing = own.token if own else None
-                return self._request_within_cap(process, record, rejected, store, replacing)
+        published = self.published
+        servable = self._servable(published, rejected) or self._serve_while_renewing(
+            published, rejected
+        )
+        return servable or self._obtain(rejected)
 
     async def atoken(self, rejected: _Secret | None) -> _Published:
         """`token`, without blocking the event loop: the same core, in a worker thread.
@@ -1879,9 +1979,13 @@ class _TokenSource:
         Tasks of one event loop that need a token at the same time share one
         fetch (keyed by the loop's thread and the rejected token), so a hundred
         tasks on a cold cache occupy one worker thread and cause one token
-        request. The event loop itself never takes a lock: it reads one attribute.
+        request. The event loop itself never waits for a lock: it reads one
+        attribute, and at most starts a background renewal.
         """
-        servable = self._servable(self.published, rejected)
+        published = self.published
+        servable = self._servable(published, rejected) or self._serve_while_renewing(
+            published, rejected
+        )
         if servable is not None:
             return servable
         run_sync, make_event, make_lock = _async_backend()
@@ -1914,7 +2018,7 @@ class _TokenSource:
         Returns the caches it could not change, each with the reason.
         """
         process = self.process_state()
-        deadline = time.monotonic() + _LOCK_TIMEOUT
+        deadline = _clock.monotonic() + _LOCK_TIMEOUT
         failed: list[str] = []
         with self._thread_lock(process, deadline):  # after any token request in flight
             self.published = None
@@ -1941,36 +2045,53 @@ class _TokenSource:
                 return store, record
         return None, None
 
-    # -- decisions ---------------------------------------------------------
+    # -- the blocking path -------------------------------------------------
 
-    def _servable(
-        self, published: _Published | None, rejected: _Secret | None
-    ) -> _Published | None:
-        """``published`` if it may be sent: before its ``serve_until``, and not rejected."""
-        if (
-            published is None
-            or published.access_token == rejected
-            or _now() >= published.serve_until
-        ):
-            return None
-        return published
+    def _obtain(self, rejected: _Secret | None, renewing: bool = False) -> _Published:
+        """Block for a token other than ``rejected``: from the shared cache, else eDRV.
 
-    def _adopt(self, record: _CacheRecord, rejected: _Secret | None) -> _Published | None:
-        """Publish the record's token for the hot path if it may be sent, and return it.
-
-        After a failed renewal (``renew_after``) it may be sent until then, at
-        most until it expires: every process waits, not just the one that tried.
+        A token request is made only under the cross-process lock and only
+        while the shared rate cap allows it. ``rejected`` is replaced only if
+        the cache still holds it (compare-and-swap): a token that another
+        thread or process already put in its place is returned instead. A
+        caller that waited for the lock while another's token request failed
+        gets that failure, without a request of its own. ``renewing``: called
+        by the background renewal, whose lock waits end in time for its one
+        attempt before `_FETCH_DEADLINE`.
         """
-        token = record.token
-        if token is None:
-            return None
-        serve_until = token.refresh_at(self.refresh_margin)
-        if record.renew_after is not None:
-            serve_until = max(serve_until, min(record.renew_after, token.expires_at))
-        servable = self._servable(_Published(token, serve_until), rejected)
-        if servable is not None:
-            self.published = servable  # one assignment: readers need no lock
-        return servable
+        process = self.process_state()
+        arrived = _clock.time()
+        waits = _FETCH_DEADLINE - self.endpoint.timeout if renewing else _LOCK_TIMEOUT
+        deadline = _clock.monotonic() + waits
+        with self._thread_lock(process, deadline):
+            servable = self._servable(self.published, rejected)
+            if servable is not None:
+                return servable
+            # Every write replaces the record whole, so a read without the lock
+            # is safe: a new process with a warm cache never touches the lock.
+            record = self.read_shared(process)[1] or process.record
+            servable = self._publish_fresh(record, rejected)
+            if servable is None and not renewing:
+                servable = self._serve_while_renewing(self._as_published(record), rejected)
+            if servable is not None:
+                _log.debug(
+                    "using the token in the shared cache (%.0f s left)",
+                    servable.token.expires_at - _clock.time(),
+                )
+                return servable
+            with self._lock_first_usable_store(process, deadline) as store:
+                # What the locked store itself holds is what a write may replace:
+                # an empty Redis is filled, whatever token the file mirrors.
+                own = None if store is None else self._read(process, store)
+                record = own or process.record
+                servable = self._publish_fresh(record, rejected)
+                if servable is not None:
+                    return servable
+                if record.failure is not None and record.failure.at > arrived:
+                    _log.debug("the token request made while this one waited failed")
+                    raise record.failure.to_raise()
+                replacing = own.token if own else None
+                return self._request_within_cap(process, record, rejected, store, replacing)
 
     def _request_within_cap(
         self,
@@ -1980,8 +2101,8 @@ class _TokenSource:
         store: _Store | None,
         replacing: _Token | None,
     ) -> _Published:
-        """Request a new token within the shared rate cap; record and save it."""
-        now = _now()
+        """Request a new token within the shared rate cap; record the outcome and save it."""
+        now = _clock.time()
         counted = record.counted_times(now)
         if len(counted) >= _MAX_TOKEN_REQUESTS:
             return self._serve_past_the_cap(record, counted, now, rejected)
@@ -1994,33 +2115,31 @@ class _TokenSource:
             if rejected is None and record.token and now < record.token.expires_at
             else None
         )
-        attempts = 1 if held else _MAX_ATTEMPTS
-        sent: list[float] = []
-        token: _Token | None = None
-        kept: _Published | None = None
-        try:
-            token = self.endpoint.request(min(_MAX_TOKEN_REQUESTS - len(counted), attempts), sent)
-        except TokenRequestError as exc:
-            if held is None:
-                raise
-            kept = self._keep_after_failed_renewal(process, held, exc)
-        finally:
-            renew_after = kept.serve_until if kept else None
-            process.record = record.after_request(token, rejected, sent, now, renew_after)
-            if store is not None:
-                self._save(process, store, process.record, replacing)
-        if token is None:
-            if kept is None:  # pragma: no cover - a failure either raised or kept the token
-                raise AssertionError("unreachable")
+        attempts = min(_MAX_TOKEN_REQUESTS - len(counted), 1 if held else _MAX_ATTEMPTS)
+        result, sent = self.endpoint.request(attempts)
+        kept = failure = None
+        if isinstance(result, TokenRequestError):
+            if held is not None:
+                kept = self._keep_after_failed_renewal(process, held, result)
+            else:
+                failure = _SharedFailure.of(result, _clock.time())
+        token = result if isinstance(result, _Token) else None
+        renew_after = kept.serve_until if kept else None
+        process.record = record.after_request(token, rejected, sent, now, renew_after, failure)
+        if store is not None:
+            self._save(process, store, process.record, replacing)
+        if isinstance(result, TokenRequestError):
+            if kept is None:
+                raise result
             return kept
         process.renewal_failing = False
-        published = _Published(token, token.refresh_at(self.refresh_margin))
-        if _now() < published.serve_until:  # even one stale at birth is sent once
+        published = _Published(result, result.refresh_at(self.refresh_margin))
+        if _clock.time() < published.serve_until:  # even one stale at birth is sent once
             self.published = published
         return published
 
     def _keep_after_failed_renewal(
-        self, process: _ProcessState, held: _Token, exc: TokenRequestError
+        self, process: _ProcessState, held: _Token, exc: Exception
     ) -> _Published:
         """Keep sending a token that has not expired; try renewing it again later.
 
@@ -2028,7 +2147,7 @@ class _TokenSource:
         that other processes wait as well. Logged at WARNING once per outage,
         at DEBUG after that.
         """
-        now = _now()
+        now = _clock.time()
         kept = _Published(held, min(now + _RENEW_RETRY, held.expires_at))
         self.published = kept
         level = logging.DEBUG if process.renewal_failing else logging.WARNING
@@ -2037,7 +2156,7 @@ class _TokenSource:
             level,
             "could not renew the token (%s); still using the current one, which expires in "
             "%.0f s; trying again in %.0f s",
-            exc,
+            exc if isinstance(exc, EdrvAuthError) else type(exc).__name__,
             held.expires_at - now,
             kept.serve_until - now,
         )
@@ -2050,24 +2169,122 @@ class _TokenSource:
         now: float,
         rejected: _Secret | None,
     ) -> _Published:
-        """Past the storm cap: a token that has not expired yet, else an error saying when."""
+        """Past the storm cap: a token that has not expired yet, else an error saying when.
+
+        A rejected token is handed back (it tells a retrying caller not to
+        resend); a token that is only due is served until the cap allows its
+        renewal.
+        """
         allowed_at = counted[0] + _TOKEN_REQUEST_WINDOW
         for token in (record.token, self.published.token if self.published else None):
             if token is not None and now < token.expires_at:
                 _log.debug("token request rate cap reached; keeping the current token")
                 if token.access_token == rejected:
                     return _Published(token, token.refresh_at(self.refresh_margin))
-                # Not rejected, just due: serve it from memory until the cap allows a renewal.
                 kept = self.published = _Published(token, min(allowed_at, token.expires_at))
                 return kept
         wait = max(allowed_at - now, 0.0)
         raise TokenRequestError(
-            f"not requesting a token: {len(counted)} token requests for this client id in the "
-            f"last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive token requests "
-            f"as misuse); the cap is per client id, shared by every process using this cache, "
-            f"and clearing the cache does not lift it: the next request is allowed in "
-            f"{wait:.0f} s"
+            f"not requesting a token: {len(counted)} token requests for this client id and "
+            f"secret in the last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive "
+            f"token requests as misuse); the cap counts per client id and secret, across every "
+            f"process using this cache, and clearing the cache does not lift it: the next "
+            f"request is allowed in {wait:.0f} s"
         )
+
+    # -- the background renewal ----------------------------------------------
+
+    def _serve_while_renewing(
+        self, candidate: _Published | None, rejected: _Secret | None
+    ) -> _Published | None:
+        """``candidate``, published, if it outlives a renewal, which then runs in the background.
+
+        "Outlive": it stays valid for longer than one token request may take
+        (``timeout``), so nobody needs to wait for its replacement.
+        """
+        if (
+            candidate is None
+            or rejected is not None
+            or _clock.time() >= candidate.token.expires_at - self.endpoint.timeout
+            or not self._renew_in_background()
+        ):
+            return None
+        self.published = candidate
+        return candidate
+
+    def _renew_in_background(self) -> bool:
+        """Start renewing the token in a daemon thread, unless one already is.
+
+        Returns whether a renewal is under way: ``False`` only when no thread
+        can be started (in an exit handler, say); the caller then blocks for it.
+        """
+        process = self.process_state()
+        if not process.renewing.acquire(blocking=False):
+            return True  # one is running
+        thread = threading.Thread(
+            target=self._renew, args=(process,), name="edrv_auth-renewal", daemon=True
+        )
+        _renewals[thread] = _clock.monotonic() + _FETCH_DEADLINE
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            del _renewals[thread]
+            process.renewing.release()
+            return False
+        process.renewal = thread
+        return True
+
+    def _renew(self, process: _ProcessState) -> None:
+        """The background renewal thread: the blocking path, with nobody waiting for it.
+
+        Whatever goes wrong, the current token is kept until it expires and
+        renewal is tried again later, as after a failed token request.
+        """
+        try:
+            self._obtain(None, renewing=True)
+        except Exception as exc:  # noqa: BLE001 - nobody to raise it to
+            published = self.published
+            now = _clock.time()
+            if published is not None and published.serve_until <= now < published.token.expires_at:
+                self._keep_after_failed_renewal(process, published.token, exc)
+        finally:
+            _renewals.pop(threading.current_thread(), None)
+            process.renewing.release()
+
+    # -- decisions ---------------------------------------------------------
+
+    def _servable(
+        self, published: _Published | None, rejected: _Secret | None
+    ) -> _Published | None:
+        """``published`` if it may be sent: before its ``serve_until``, and not rejected."""
+        if (
+            published is None
+            or published.access_token == rejected
+            or _clock.time() >= published.serve_until
+        ):
+            return None
+        return published
+
+    def _as_published(self, record: _CacheRecord) -> _Published | None:
+        """The record's token with the time until which it may be sent without renewal.
+
+        Usually its refresh time; after a failed renewal (``renew_after``) it
+        is served until the next try, for every process, never past expiry.
+        """
+        token = record.token
+        if token is None:
+            return None
+        serve_until = token.refresh_at(self.refresh_margin)
+        if record.renew_after is not None:
+            serve_until = max(serve_until, min(record.renew_after, token.expires_at))
+        return _Published(token, serve_until)
+
+    def _publish_fresh(self, record: _CacheRecord, rejected: _Secret | None) -> _Published | None:
+        """Publish the record's token for the hot path if it may be sent, and return it."""
+        servable = self._servable(self._as_published(record), rejected)
+        if servable is not None:
+            self.published = servable  # one assignment: readers need no lock
+        return servable
 
     # -- the shared caches ---------------------------------------------------
 
@@ -2103,7 +2320,7 @@ class _TokenSource:
 
     @contextlib.contextmanager
     def _thread_lock(self, process: _ProcessState, deadline: float) -> Iterator[None]:
-        if not process.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+        if not process.lock.acquire(timeout=max(deadline - _clock.monotonic(), 0)):
             raise EdrvAuthError(
                 f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token request"
             )
@@ -2168,6 +2385,8 @@ class _SourceView:
         self.remembered = process.record
         #: This process's lock around token decisions (tests hold it across a fork).
         self.thread_lock = process.lock
+        #: The latest background renewal this process started, running or not.
+        self.renewal = process.renewal
 
     def shared(self) -> tuple[str, _CacheRecord | None]:
         """Where the shared record comes from, and the record (``None``: nothing cached)."""
@@ -2435,24 +2654,24 @@ class _ApiOrigin:
 
 
 def _after_response(
-    status: int,
     answered_url: str | httpx.URL,
     header_sent: str | None,
     our_header: str,
     replayable: bool,
     origin: _ApiOrigin,
 ) -> Literal["keep", "renew", "resend"]:
-    """The one 401 policy: what a response means for the token that was sent.
+    """The one 401 policy: what a ``401`` response means for the token that was sent.
 
-    ``"keep"`` unless it is a ``401`` to a request on the API's origin that
-    still carried our header. Both libraries hand the hook or flow the response
+    The adapters ask it about a ``401`` only (a ``403`` means the token is
+    valid but not allowed). ``"keep"`` unless it answers a request on the
+    API's origin that still carried our header. Both libraries hand the hook or flow the response
     that ends a redirect chain: a detour through another origin strips our
     header (a new token would not help), and a response from another origin is
-    none of our business. A ``403`` means the token is valid but not allowed.
-    Otherwise the token is replaced (``"renew"``), and the request is sent once
-    more with the new one (``"resend"``) if its body can be sent again.
+    none of our business. Otherwise the token is replaced (``"renew"``), and
+    the request is sent once more with the new one (``"resend"``) if its body
+    can be sent again.
     """
-    if status != 401 or header_sent != our_header or not origin.matches(answered_url):
+    if header_sent != our_header or not origin.matches(answered_url):
         return "keep"
     return "resend" if replayable else "renew"
 
@@ -2676,13 +2895,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         client_id, secret = credentials
         endpoint = _TokenEndpoint(token_url, client_id, secret, audience, float(timeout), verify)
         directory = cache_dir or _env(_ENV_CACHE_DIR)
-        cache_key = f"{token_url}\n{audience}\n{client_id}"
-        stores: tuple[_Store, ...] = (
-            _FileCache(Path(directory) if directory else _default_cache_dir(), cache_key),
-        )
-        if redis:  # shared by every machine; the file still serves when it is down
-            stores = (_RedisCache(redis, cache_key), *stores)
-        self._source = _TokenSource(endpoint, stores, float(refresh_margin))
+        name = _credential_digest(token_url, audience, client_id, secret)
+        file_cache = _FileCache(Path(directory) if directory else _default_cache_dir(), name)
+        # Redis is shared by every machine; the file still serves when it is down.
+        redis_cache = _RedisCache(redis, name) if redis else None
+        self._source = _TokenSource(endpoint, file_cache, redis_cache, float(refresh_margin))
 
     def __repr__(self) -> str:
         if not hasattr(self, "_source"):  # __init__ raised: error reporters still call repr
@@ -2774,7 +2991,6 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             return r
         request = r.request
         verdict = _after_response(
-            401,
             request.url or "",
             request.headers.get("Authorization"),
             sent.header,
@@ -2836,7 +3052,6 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             return "keep"
         answered = response.request
         return _after_response(
-            401,
             answered.url,
             answered.headers.get("Authorization"),
             sent.header,
@@ -2857,7 +3072,7 @@ def _status(auth: EdrvAuth) -> str:
     view = auth._describe()
     if view is None:
         return f"mode: API key (no token request, no cache)\napi url: {auth._origin.url}"
-    now = _now()
+    now = _clock.time()
     where, record = view.shared()
     lines = [
         f"cache: {where}" + ("" if record else " (nothing usable cached)"),
@@ -2881,7 +3096,7 @@ def _status(auth: EdrvAuth) -> str:
     recent = record.counted_times(now) if record else ()
     lines.append(
         f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
-        f"(at most {_MAX_TOKEN_REQUESTS} per client id)"
+        f"(at most {_MAX_TOKEN_REQUESTS} per client id and secret)"
     )
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +69,14 @@ def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_bytes(data)
     os.chmod(path, mode)
+
+
+def finish_renewal(auth: edrv_auth.EdrvAuth) -> None:
+    """Wait for the background renewal ``auth`` started last, if any (it ends within 25 s)."""
+    renewal = auth._describe().renewal
+    if renewal is not None:
+        renewal.join(timeout=30)
+        assert not renewal.is_alive()
 
 
 T = TypeVar("T")
@@ -224,31 +233,62 @@ def fake_env(fake: FakeEdrv, monkeypatch: pytest.MonkeyPatch) -> FakeEdrv:
 
 
 class Clock:
-    """A settable wall clock for `edrv_auth._now`, so expiry needs no sleeping."""
+    """edrv_auth's one clock, replaced for a test: tests move it instead of sleeping.
 
-    def __init__(self, start: float) -> None:
-        self.now = start
+    Wall time is frozen (at the real time when the test began) unless ``frozen``
+    is false; monotonic time runs for real, and ``advance`` moves both. Sleeps
+    are recorded in ``slept`` and move the clock instead of waiting when
+    ``slept`` is a list.
+    """
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        self.frozen_at: float | None = None
+        self.offset = 0.0
+        self.slept: list[float] | None = None
+
+    @property
+    def now(self) -> float:
+        return self.time()
+
+    @now.setter
+    def now(self, moment: float) -> None:
+        self.offset += moment - self.time()
+
+    def time(self) -> float:
+        base = time.time() if self.frozen_at is None else self.frozen_at
+        return base + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        if self.slept is None:
+            time.sleep(seconds)
+        else:
+            self.slept.append(seconds)
+            self.offset += seconds  # time passes, without the wait
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self.offset += seconds
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Freeze edrv_auth's clock at the real time; tests move it with advance()."""
-    import time
-
-    fake_clock = Clock(time.time())
-    monkeypatch.setattr(edrv_auth, "_now", fake_clock)
+def test_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """edrv_auth's clock for this test: real until `clock` or `no_sleep` changes it."""
+    fake_clock = Clock()
+    monkeypatch.setattr(edrv_auth, "_clock", fake_clock)
     return fake_clock
 
 
 @pytest.fixture
-def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def clock(test_clock: Clock) -> Clock:
+    """Freeze edrv_auth's wall clock at the real time; tests move it with advance()."""
+    test_clock.frozen_at = time.time()
+    return test_clock
+
+
+@pytest.fixture
+def no_sleep(test_clock: Clock) -> list[float]:
     """Record the token request's backoff sleeps instead of sleeping."""
-    slept: list[float] = []
-    monkeypatch.setattr(edrv_auth, "_sleep", slept.append)
-    return slept
+    test_clock.slept = []
+    return test_clock.slept

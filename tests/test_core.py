@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from conftest import Clock, LeakWatch, MakeAuth
+from conftest import Clock, LeakWatch, MakeAuth, finish_renewal
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -82,29 +82,41 @@ def test_failures_are_capped_and_the_error_says_when_to_retry(
     assert fake.token_requests == 5
 
 
-def test_the_cap_is_per_client_id_and_clear_does_not_lift_it(
+def test_a_wrong_secret_has_its_own_cap_and_never_locks_the_right_one_out(
     fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
 ) -> None:
-    """After 5 failures (a wrong secret), `clear` and the right secret still wait, as the
-    message says: the cap counts per client id, and it says when it lifts."""
-    for _ in range(5):
-        fake.queue_token_response(401, {"error": "access_denied"})
+    """Five tries with a mistyped secret use up its own cap, which `clear` does not lift (as
+    the message says); the right secret, another credential set, gets its token at once."""
     wrong = make_auth(client_secret="test-wrong-secret")
     for _ in range(5):
         with pytest.raises(TokenRequestError, match="HTTP 401"):
             wrong.get_token()
-    right = make_auth()
-    right.clear()
+    wrong.clear()
     clock.advance(15)
     with pytest.raises(TokenRequestError) as info:
-        right.get_token()
+        wrong.get_token()
     message = str(info.value)
-    assert "per client id" in message
+    assert "the cap counts per client id and secret" in message
     assert "clearing the cache does not lift it" in message
     assert message.endswith("the next request is allowed in 45 s")
     assert fake.token_requests == 5
-    clock.advance(46)
+    right = make_auth()
     assert right.get_token() in fake.issued_tokens
+    assert fake.token_requests == 6
+    assert right._describe().file_cache.path != wrong._describe().file_cache.path
+
+
+def test_a_wrong_secret_is_never_served_the_token_cached_for_the_right_one(
+    fake: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """A process deployed with a wrong or rotated secret finds no token in the cache: its
+    own token request fails, so the bad secret shows at once instead of a day later."""
+    good = make_auth().get_token()
+    with pytest.raises(TokenRequestError, match="HTTP 401"):
+        make_auth(client_secret="test-rotated-secret").get_token()
+    assert fake.token_requests == 2
+    assert make_auth().get_token() == good  # the right one's entry is untouched
+    assert fake.token_requests == 2
 
 
 def test_retried_attempts_of_a_renewal_count_except_the_successful_one(
@@ -255,22 +267,28 @@ def test_failed_renewal_keeps_the_current_token_and_retries_later(
     for _ in range(3):
         fake.queue_token_response(503, {"error": "temporarily_unavailable"})
     with requests.Session() as session:
-        for _ in range(10):  # one renewal attempt, then the token is served from memory
+        for _ in range(10):  # one renewal attempt, in the background; the token is kept
             response = session.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
             assert response.status_code == 200
-        assert fake.api_auth_headers[-1] == f"Bearer {first}"
+        finish_renewal(auth)
+        assert fake.api_auth_headers == [f"Bearer {first}"] * 10
         assert fake.token_requests == 2
         clock.advance(edrv_auth._RENEW_RETRY - 1)
         assert auth.get_token() == first
         assert fake.token_requests == 2
         clock.advance(1)  # the next try, which fails too: still the same token
         assert [auth.get_token() for _ in range(5)] == [first] * 5
+        finish_renewal(auth)
         assert fake.token_requests == 3
         clock.advance(edrv_auth._RENEW_RETRY)
         assert auth.get_token() == first  # the third failure
+        finish_renewal(auth)
         assert make_auth().get_token() == first  # another process, too, from the cache
+        assert fake.token_requests == 4
         clock.advance(edrv_auth._RENEW_RETRY)
-        second = auth.get_token()  # eDRV is back
+        assert auth.get_token() == first  # eDRV is back: renewed in the background
+        finish_renewal(auth)
+        second = auth.get_token()
         assert second != first
         assert fake.token_requests == 5
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -312,8 +330,12 @@ def test_a_due_token_past_the_cap_is_served_from_memory_until_the_cap_allows(
         lambda deadline: locked.append(1) or real_locked(deadline),
     )
     assert [auth.get_token() for _ in range(10)] == [token] * 10
+    finish_renewal(auth)  # it found the cap full
+    assert [auth.get_token() for _ in range(10)] == [token] * 10
     assert (fake.token_requests, len(locked)) == (0, 1)
     clock.advance(10)  # the cap allows one now: the renewal happens
+    assert auth.get_token() == token
+    finish_renewal(auth)
     assert auth.get_token() != token
     assert fake.token_requests == 1
 
@@ -328,4 +350,5 @@ def test_lifetime_equal_to_margin_is_not_stale_at_birth(
     assert (len(tokens), fake.token_requests) == (1, 1)
     clock.advance(151)
     auth.get_token()
+    finish_renewal(auth)
     assert fake.token_requests == 2

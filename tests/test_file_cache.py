@@ -22,7 +22,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET, Clock, MakeAuth, _plant, in_threads
+from conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Clock,
+    MakeAuth,
+    _plant,
+    finish_renewal,
+    in_threads,
+)
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -562,7 +570,8 @@ def test_refresh_margin(
     kept_until: int,
     replaced_at: int,
 ) -> None:
-    """A token is kept until refresh_margin before expiry, or half its life if that is shorter."""
+    """A token is kept until refresh_margin before expiry, or half its life if that is shorter;
+    then it is replaced (in the background here: it outlives the renewal)."""
     fake.expires_in = expires_in
     auth = make_auth(refresh_margin=300)
     start = clock.now
@@ -572,6 +581,8 @@ def test_refresh_margin(
     assert make_auth().get_token() == first  # another instance, from the file
     assert fake.token_requests == 1
     clock.now = start + replaced_at
+    assert auth.get_token() == first  # sent while the renewal runs
+    finish_renewal(auth)
     second = auth.get_token()
     assert second != first
     assert fake.token_requests == 2

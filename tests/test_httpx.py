@@ -23,7 +23,7 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, Clock, LeakWatch, MakeAuth
+from conftest import API_KEY, Clock, LeakWatch, MakeAuth, finish_renewal
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -484,21 +484,40 @@ def _get(kind: str, auth: EdrvAuth, url: str) -> httpx.Response | requests.Respo
 
 @pytest.mark.parametrize("kind", CLIENTS)
 @pytest.mark.parametrize("when", ["at", "past"])
-def test_request_at_or_past_refresh_time_is_sent_with_a_new_token(
+def test_request_at_or_past_refresh_time_is_sent_at_once_while_the_token_is_renewed(
     fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, kind: str, when: str
 ) -> None:
-    """From refresh_at on (not only at expiry), a request carries a renewed token, unretried."""
+    """From refresh_at on, a token that outlives its renewal is still sent, unretried, while a
+    renewal runs in the background; the next request carries the new token."""
     auth = make_auth()
     old = auth.get_token()
     assert auth._describe().published is not None
     refresh_at = auth._describe().published.serve_until
     clock.now = refresh_at if when == "at" else refresh_at + 150  # half the 300 s margin
-    assert clock.now < auth._describe().published.token.expires_at  # the old token still works
+    response = _get(kind, auth, f"{fake.url}/v1.1/x")
+    assert (response.status_code, len(response.history)) == (200, 0)
+    finish_renewal(auth)
+    assert fake.token_requests == 2
+    new = auth.get_token()
+    assert new != old
+    assert _get(kind, auth, f"{fake.url}/v1.1/x").status_code == 200
+    assert fake.api_auth_headers == [f"Bearer {old}", f"Bearer {new}"]
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_request_within_timeout_of_expiry_is_sent_with_a_new_token(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock, kind: str
+) -> None:
+    """A token closer to its expiry than one token request may take (timeout) could die
+    before a background renewal ends: the request waits for the new token."""
+    auth = make_auth(timeout=10)
+    old = auth.get_token()
+    clock.advance(fake.expires_in - 9.5)  # 9.5 s left
     response = _get(kind, auth, f"{fake.url}/v1.1/x")
     assert (response.status_code, len(response.history)) == (200, 0)
     assert fake.token_requests == 2
-    assert fake.api_auth_headers == [f"Bearer {auth.get_token()}"]
-    assert auth.get_token() != old
+    assert auth._describe().renewal is None  # no thread: the caller renewed it
+    assert fake.api_auth_headers == [f"Bearer {auth.get_token()}"] != [f"Bearer {old}"]
 
 
 @pytest.mark.parametrize("kind", CLIENTS)

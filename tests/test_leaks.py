@@ -40,7 +40,15 @@ import httpx
 import pytest
 import requests
 import trio
-from conftest import API_KEY, CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _closed_port
+from conftest import (
+    API_KEY,
+    CLIENT_SECRET,
+    Clock,
+    LeakWatch,
+    MakeAuth,
+    _closed_port,
+    finish_renewal,
+)
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -332,7 +340,8 @@ def test_failed_renewal_leaks_nothing(
     clock.advance(fake.expires_in - 60)  # due, with a minute left: kept, with a WARNING
     echo = {"error": "invalid_client", "error_description": f"revoked {CLIENT_SECRET}"}
     fake.queue_token_response(400, echo)
-    assert auth.get_token() == token
+    assert auth.get_token() == token  # renewed in the background, which fails
+    finish_renewal(auth)
     clock.advance(61)
     fake.queue_token_response(400, {"error": "invalid_client", "error_description": "revoked"})
     exc = sweep.error("failed renewal", auth.get_token)
@@ -463,8 +472,8 @@ def test_corrupt_or_untrusted_cache_file_leaks_nothing(
         "version": 1,
         "token": {
             "access_token": other,
-            "obtained_at": edrv_auth._now(),
-            "expires_at": edrv_auth._now() + 3600,
+            "obtained_at": edrv_auth._clock.time(),
+            "expires_at": edrv_auth._clock.time() + 3600,
             "scope": CLIENT_SECRET,
         },
         "token_requests": [],

@@ -505,24 +505,21 @@ def test_lock_release_leaves_another_owners_lock(
 
 
 def test_unreachable_redis_is_tried_again_30_s_later(
-    fake: FakeEdrv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+    fake: FakeEdrv, tmp_path: Path, clock: Clock
 ) -> None:
     """Redis unreachable at first is left alone for 30 s, then used again."""
     server = RedisServer()  # its port is known, and nothing listens on it yet
-    ticks = [time.monotonic()]
-    monkeypatch.setattr(edrv_auth, "_redis_clock", lambda: ticks[0])
+    fake.expires_in = 1  # every step below finds the token expired
     auth = edrv_auth.EdrvAuth(
         CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, api_url=fake.url,
         cache_dir=tmp_path / "local", redis_url=server.url,
     )  # fmt: skip
     first = auth.get_token()  # from the file cache: Redis is down
     with server:
-        clock.advance(fake.expires_in)  # a renewal, 29 s later: Redis still left alone
-        ticks[0] += edrv_auth._REDIS_RETRY_AFTER - 1
+        clock.advance(edrv_auth._REDIS_RETRY_AFTER - 1)  # a renewal: Redis still left alone
         second = auth.get_token()
         assert redis_data(server.url) == {}
-        clock.advance(fake.expires_in)  # and one just past the 30 s
-        ticks[0] += 1
+        clock.advance(1)  # and one 30 s after Redis failed
         third = auth.get_token()
         data = redis_data(server.url)
     assert len({first, second, third}) == 3
