@@ -141,13 +141,13 @@ _MAX_BODY: Final = 64 * 1024
 _CREDENTIAL_ERRORS: Final = frozenset(
     {None, "access_denied", "invalid_client", "unauthorized_client", "invalid_grant"}
 )
-#: Redis: socket timeouts, how long to leave an unreachable Redis alone, how long
-#: a dead holder's lock lasts (longer than a token request may take), and how
-#: often a waiter polls for the lock.
+#: Redis: socket timeouts, how long to leave an unreachable Redis alone, and how
+#: long a dead holder's lock lasts (longer than a token request may take).
+#: How often a waiter looks again while waiting for a lock.
+_LOCK_POLL: Final = 0.05
 _REDIS_TIMEOUT: Final = 2.0
 _REDIS_RETRY_AFTER: Final = 30.0
 _REDIS_LOCK_TTL = _FETCH_DEADLINE + 2.0
-_REDIS_LOCK_POLL: Final = 0.05
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
@@ -1800,7 +1800,7 @@ class _RedisCache:
                 _log.debug("timed out waiting for the token lock in Redis %s", self.label)
                 self._down_until = _clock.monotonic() + _REDIS_RETRY_AFTER
                 raise _RedisDown("its token lock was held too long")
-            time.sleep(_REDIS_LOCK_POLL)  # waiting for another process: real time
+            time.sleep(_LOCK_POLL)  # waiting for another process: real time
         try:
             yield
         finally:
@@ -2063,8 +2063,15 @@ class _TokenSource:
         arrived = _clock.time()
         waits = _FETCH_DEADLINE - self.endpoint.timeout if renewing else _LOCK_TIMEOUT
         deadline = _clock.monotonic() + waits
-        with self._thread_lock(process, deadline):
-            servable = self._servable(self.published, rejected)
+
+        def meanwhile() -> _Published | None:
+            published = self.published
+            return self._servable(published, rejected) or (
+                None if renewing else self._serve_while_renewing(published, rejected)
+            )
+
+        with self._thread_lock(process, deadline, meanwhile) as servable:
+            servable = servable or self._servable(self.published, rejected)
             if servable is not None:
                 return servable
             # Every write replaces the record whole, so a read without the lock
@@ -2319,13 +2326,33 @@ class _TokenSource:
         return record
 
     @contextlib.contextmanager
-    def _thread_lock(self, process: _ProcessState, deadline: float) -> Iterator[None]:
-        if not process.lock.acquire(timeout=max(deadline - _clock.monotonic(), 0)):
-            raise EdrvAuthError(
-                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token request"
-            )
+    def _thread_lock(
+        self,
+        process: _ProcessState,
+        deadline: float,
+        meanwhile: Callable[[], _Published | None] = lambda: None,
+    ) -> Iterator[_Published | None]:
+        """Hold this process's lock around token decisions, yielding ``None``.
+
+        While waiting for it, ``meanwhile`` is asked every `_LOCK_POLL` seconds
+        for a token to send instead: the lock's holder may be a background
+        renewal that nobody needs to wait for. Then that token is yielded,
+        without the lock.
+        """
+        while not process.lock.acquire(
+            timeout=min(_LOCK_POLL, max(deadline - _clock.monotonic(), 0))
+        ):
+            found = meanwhile()
+            if found is not None:
+                yield found
+                return
+            if _clock.monotonic() >= deadline:
+                raise EdrvAuthError(
+                    f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token "
+                    "request"
+                )
         try:
-            yield
+            yield None
         finally:
             process.lock.release()
 

@@ -136,10 +136,17 @@ def hold_lock(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def token(args: argparse.Namespace) -> dict[str, Any]:
-    """Get one token; report its digest or the error, and how long it took."""
+    """Get one token; report its digest or the error, and how long it took.
+
+    ``--go``: start when that file appears. ``--calls N``: then call the API N
+    times and report the longest call. ``ended`` is the wall-clock time at the
+    end, to compare across processes.
+    """
     if args.lock_timeout is not None:
         edrv_auth._LOCK_TIMEOUT = args.lock_timeout
     auth = edrv_auth.EdrvAuth()
+    if args.go:
+        _wait_for_file(Path(args.go), _GO_TIMEOUT)
     started = time.monotonic()
     out: dict[str, Any]
     try:
@@ -147,6 +154,17 @@ def token(args: argparse.Namespace) -> dict[str, Any]:
     except edrv_auth.EdrvAuthError as exc:
         out = {"error": type(exc).__name__, "message": str(exc)}
     out["elapsed"] = time.monotonic() - started
+    out["ended"] = time.time()
+    if args.calls:
+        import requests
+
+        longest = 0.0
+        with requests.Session() as session:
+            for _ in range(args.calls):
+                began = time.monotonic()
+                session.get(api_url(), auth=auth, timeout=30).raise_for_status()
+                longest = max(longest, time.monotonic() - began)
+        out["longest_call"] = longest
     return out
 
 
@@ -164,6 +182,8 @@ def main() -> None:
     lock_parser.add_argument("--ready", required=True, help="file created once the lock is held")
     token_parser = modes.add_parser("token")
     token_parser.add_argument("--lock-timeout", type=float)
+    token_parser.add_argument("--go", help="file whose appearance starts the request")
+    token_parser.add_argument("--calls", type=int, default=0, help="API calls to time after")
     args = parser.parse_args()
     run = {"herd": herd, "hold-lock": hold_lock, "token": token}[args.mode]
     print(json.dumps(run(args)), flush=True)

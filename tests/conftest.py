@@ -9,16 +9,21 @@ issued.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,6 +74,115 @@ def _plant(path: Path, data: bytes, mode: int = 0o600) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_bytes(data)
     os.chmod(path, mode)
+
+
+# ---- child processes ----------------------------------------------------------
+
+
+WORKER = Path(__file__).with_name("_proc_worker.py")
+
+#: Python 3.12+ warns that fork() in a threaded process (the fake's threads) may deadlock.
+fork_ok = pytest.mark.filterwarnings("ignore:This process:DeprecationWarning")
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Children:
+    """Worker-script children; whatever happens, each is killed if alive and reaped."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder  # where children leave files for the test
+        self.procs: list[subprocess.Popen[str]] = []
+        self.outputs: list[str] = []
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "error::ResourceWarning", str(WORKER), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def result(self, proc: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for a child that should succeed; return its JSON report."""
+        out, err = proc.communicate(timeout=timeout)
+        self.outputs += [out, err]
+        assert (proc.returncode, err) == (0, "")
+        report: dict[str, Any] = json.loads(out)
+        return report
+
+    def kill(self, proc: subprocess.Popen[str]) -> None:
+        """SIGKILL a child (running or stopped) and reap it."""
+        if proc.poll() is None:
+            proc.kill()
+        self._drain(proc)
+
+    def reap_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            self._drain(proc)
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        if proc.stdout is not None and not proc.stdout.closed:
+            out, err = proc.communicate(timeout=30)
+            self.outputs += [out, err]
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def children(fake: FakeEdrv, leak_watch: LeakWatch, tmp_path: Path) -> Iterator[Children]:
+    """Script children, reaped at the end; their output must hold no secret and no token."""
+    kids = Children(tmp_path)
+    try:
+        yield kids
+    finally:
+        kids.reap_all()
+    assert_no_leaks(leak_watch, fake, *kids.outputs)
+
+
+def assert_no_leaks(leak_watch: LeakWatch, fake: FakeEdrv, *texts: str) -> None:
+    leak_watch.secrets.update(fake.issued_tokens)
+    assert leak_watch.leaks(*texts) == []
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, procs: Sequence[subprocess.Popen[str]] = ()
+) -> None:
+    """Poll ``condition``; fail fast if one of ``procs`` exits first, or after 20 s."""
+    deadline = time.monotonic() + 20.0
+    while not condition():
+        for proc in procs:
+            if proc.poll() is not None:
+                stderr = proc.stderr.read() if proc.stderr else ""
+                pytest.fail(f"a child exited ({proc.returncode}) before {what}: {stderr[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def forked(target: Callable[..., None], *args: object) -> Iterator[tuple[Any, Connection]]:
+    """Run ``target(*args, writer)`` in a forked child; yield it and the reading end."""
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    proc = context.Process(target=target, args=(*args, writer), daemon=True)
+    proc.start()
+    writer.close()
+    try:
+        yield proc, reader
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        reader.close()
 
 
 def finish_renewal(auth: edrv_auth.EdrvAuth) -> None:

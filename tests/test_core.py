@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+import httpx
 import pytest
 import requests
 from conftest import Clock, LeakWatch, MakeAuth, finish_renewal
@@ -352,3 +353,115 @@ def test_lifetime_equal_to_margin_is_not_stale_at_birth(
     auth.get_token()
     finish_renewal(auth)
     assert fake.token_requests == 2
+
+
+# ---- records and the cap, at their edges ------------------------------------------------
+
+
+def _plant_record(auth: edrv_auth.EdrvAuth, record: edrv_auth._CacheRecord) -> None:
+    auth._describe().file_cache.write(record)
+
+
+def _token(fake: FakeEdrv, obtained_at: float, expires_at: float) -> edrv_auth._Token:
+    """A token the fake accepts for an hour, whatever the record says of its lifetime."""
+    return edrv_auth._Token(edrv_auth._Secret(fake.issue_token(3600)), obtained_at, expires_at)
+
+
+def test_a_retry_time_after_expiry_never_serves_the_token_past_it(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """After a failed renewal, the next try may be set past the token's expiry: the token is
+    still not served once it has expired."""
+    auth = make_auth()
+    now = clock.now
+    token = _token(fake, now - 3590, now + 10)
+    _plant_record(auth, edrv_auth._CacheRecord(token, renew_after=now + 20))
+    assert auth.get_token() == token.access_token.value  # kept until the retry...
+    clock.advance(10)  # ...but not past its expiry
+    assert auth.get_token() != token.access_token.value
+    assert make_auth().get_token() != token.access_token.value
+    assert fake.token_requests == 1
+
+
+def test_a_failed_renewal_after_a_401_drops_the_rejected_token_from_the_shared_record(
+    fake: FakeEdrv, make_auth: MakeAuth, no_sleep: list[float]
+) -> None:
+    """The API refused the token and no new one came: other processes must not adopt it."""
+    auth = make_auth()
+    rejected = auth.get_token()
+    fake.expire_all()
+    for _ in range(3):
+        fake.queue_token_response(503, "busy")
+    with pytest.raises(TokenRequestError, match="HTTP 503"):
+        requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+    record = auth._describe().file_cache.read()
+    assert record is not None
+    assert record.token is None
+    assert record.failure is not None
+    assert make_auth().get_token() != rejected  # another process, arriving later, gets its own
+
+
+def test_past_the_cap_an_expired_token_is_never_sent(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Cap reached and the cached token expired: the caller gets the cap's error, and the API
+    never sees the expired token."""
+    auth = make_auth()
+    now = clock.now
+    expired = _token(fake, now - 3600, now - 1)
+    _plant_record(auth, edrv_auth._CacheRecord(expired, (now - 10,) * 5))
+    with pytest.raises(TokenRequestError, match="not requesting a token"):
+        requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5)
+    assert (fake.api_requests, fake.token_requests) == (0, 0)
+
+
+def test_a_retry_time_a_day_away_is_not_trusted(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A record whose next renewal try lies a day ahead (we never set one beyond 30 s): the
+    retry time is ignored, and the due token is renewed."""
+    auth = make_auth(timeout=10)
+    now = clock.now
+    due = _token(fake, now - 3595, now + 5)  # due, and closer to expiry than the timeout
+    _plant_record(auth, edrv_auth._CacheRecord(due, renew_after=now + 86400))
+    assert auth.get_token() != due.access_token.value
+    assert fake.token_requests == 1
+
+
+def test_a_record_with_an_invalid_token_is_ignored_whole(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """A record whose token is not one we could have written: its request times are ignored
+    too, so they cannot hold the cap against this client."""
+    auth = make_auth()
+    now = clock.now
+    document = {
+        "version": 1,
+        "token": {"access_token": "bad token", "obtained_at": now, "expires_at": now + 60},
+        "token_requests": [now - 5] * 5,
+        "renewed_at": None,
+    }
+    auth._describe().file_cache.ensure_dir()
+    auth._describe().file_cache.path.write_text(json.dumps(document))
+    auth._describe().file_cache.path.chmod(0o600)
+    assert auth.get_token() in fake.issued_tokens
+    assert fake.token_requests == 1
+
+
+def test_past_the_cap_one_call_makes_one_api_request(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Cap reached and the API rejects the token: the call gets its 401, with no resend of
+    the same token."""
+    auth = make_auth()
+    now = clock.now
+    token = _token(fake, now, now + 3600)
+    _plant_record(auth, edrv_auth._CacheRecord(token, (now - 10,) * 5))
+    fake.reject_all = True
+    for client in ("requests", "httpx"):
+        fake.reset_counters()
+        if client == "requests":
+            status = requests.get(f"{fake.url}/v1.1/x", auth=auth, timeout=5).status_code
+        else:
+            status = httpx.get(f"{fake.url}/v1.1/x", auth=auth).status_code
+        assert (status, fake.api_requests, fake.token_requests) == (401, 1, 0)

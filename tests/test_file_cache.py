@@ -91,11 +91,14 @@ def test_construction_creates_nothing(make_auth: MakeAuth, clean_env: Path) -> N
     assert not os.path.lexists(auth._describe().file_cache.path)
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
+@pytest.mark.parametrize(
+    "umask", [0o000, 0o022, 0o277], ids=["umask-000", "umask-022", "umask-277"]
+)
 def test_modes_do_not_depend_on_umask(
     make_auth: MakeAuth, clean_env: Path, fake: FakeEdrv, umask: int
 ) -> None:
-    """The cache folder is created 0700, the cache and lock files 0600, even under umask 0."""
+    """The cache folder is created 0700, the cache and lock files 0600, under a umask of 0
+    as under one that would leave their owner no write permission."""
     old = os.umask(umask)
     try:
         auth = make_auth()

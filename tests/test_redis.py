@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -551,3 +552,47 @@ def test_a_flushed_redis_is_filled_again_by_the_next_renewal(
     assert second != first
     assert machine().get_token() == second  # a new machine finds it in Redis
     assert fake.token_requests == 2
+
+
+def test_the_lock_carries_its_ttl_from_the_moment_it_is_taken(
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str
+) -> None:
+    """While a token request runs, its lock in Redis already expires by itself: a holder that
+    dies mid-request blocks nobody for longer than that."""
+    import redis
+
+    auth = machine()
+    lock_key = auth._describe().stores[0].lock_key  # type: ignore[attr-defined]
+    fake.token_delay = 1.0
+    fetcher = threading.Thread(target=auth.get_token)
+    fetcher.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while fake.token_requests == 0:
+            assert time.monotonic() < deadline, "no token request"
+            time.sleep(0.01)
+        ttl = client.pttl(lock_key)
+    finally:
+        client.close()
+        fetcher.join()
+    assert 0 < ttl <= edrv_auth._REDIS_LOCK_TTL * 1000
+
+
+def test_a_new_process_prefers_the_token_in_redis_over_an_older_one_in_its_file(
+    fake: FakeEdrv, machine: MakeAuth, redis_url: str, tmp_path: Path
+) -> None:
+    """Redis is what the fleet shares: a machine whose own file still holds an older valid
+    token uses the one in Redis."""
+    auth = machine()
+    now = time.time()
+    older = fake.issue_token()
+    newer = fake.issue_token()
+    state = edrv_auth._CacheRecord(
+        edrv_auth._Token(edrv_auth._Secret(older), now - 600, now + 3000)
+    )
+    auth._describe().file_cache.write(state)
+    redis_key = auth._describe().stores[0].key  # type: ignore[attr-defined]
+    _plant(redis_url, redis_key, _state(newer, now - 60, now + 3540, []))
+    assert auth.get_token() == newer
+    assert fake.token_requests == 0
