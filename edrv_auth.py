@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from httpx import Auth as _HttpxAuthBase
     from requests.auth import AuthBase as _RequestsAuthBase
 else:
-    # Breakpoint: the module must import when vendored next to a script whose
+    # The module must import when vendored next to a script whose
     # environment lacks one of the two clients. Each fallback is a distinct empty
     # class, since two `object` bases would be a duplicate-base error.
     try:
@@ -1602,7 +1602,7 @@ class _FileCache:
         fd = os.open(temporary, flags, 0o600)
         try:
             try:
-                if hasattr(os, "fchmod"):  # Breakpoint: Windows has no fchmod
+                if hasattr(os, "fchmod"):  # Windows has no fchmod
                     os.fchmod(fd, 0o600)  # a umask can only remove bits; make it exact
                 os.write(fd, _dump_record(state))  # no local: the state holds the token
                 os.fsync(fd)
@@ -2743,7 +2743,7 @@ def _replayable_httpx_stream(stream: object) -> bool:
     if isinstance(stream, httpx.ByteStream):
         return True
     try:
-        from httpx._multipart import MultipartStream  # Breakpoint: private, may move
+        from httpx._multipart import MultipartStream  # private to httpx: it may move
     except ImportError:  # pragma: no cover - depends on the httpx version
         return False
     if not isinstance(stream, MultipartStream):
@@ -2812,7 +2812,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     shares (or in Redis, for many machines), replaced shortly before it
     expires, and renewed once, transparently, when the API answers ``401``.
     Any number of threads and processes starting together make one token
-    request, and never more than 5 a minute per client id.
+    request, and never more than 5 a minute per client id and secret. A token
+    due for renewal that still has more than ``timeout`` seconds to live is
+    renewed in the background: no request waits for it.
 
     One instance may serve any number of threads, event loops (asyncio or
     trio) and processes: it pickles, and keeps working in a forked child.

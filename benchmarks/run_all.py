@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import describe_target, machine  # noqa: E402
 
-BENCHMARKS = ["hot_path", "cold_herd", "expiry_storm", "warm_process", "async_cold"]
+BENCHMARKS = ["hot_path", "cold_herd", "expiry_storm", "warm_process", "async_cold", "renewal"]
 #: Longest one benchmark may run before it counts as failed.
 TIMEOUT = 600.0
 
