@@ -2347,10 +2347,7 @@ class _TokenSource:
                 yield found
                 return
             if _clock.monotonic() >= deadline:
-                raise EdrvAuthError(
-                    f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for another thread's token "
-                    "request"
-                )
+                raise EdrvAuthError("timed out waiting for another thread's token request")
         try:
             yield None
         finally:
