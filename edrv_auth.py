@@ -2235,6 +2235,8 @@ def _credentials(
 
     Returns the API key, or the client id and secret.
     """
+    # `EdrvAuth("...")` alone: an API key passed where the client id goes.
+    only_first_argument = client_id is not None and client_secret is None and api_key is None
     if api_key is not None or client_id is not None or client_secret is not None:
         if api_key is None:
             client_id = client_id or _env(_ENV_CLIENT_ID)
@@ -2268,7 +2270,10 @@ def _credentials(
             f"(or {_ENV_API_KEY}), or pass them to EdrvAuth()"
         )
     if missing or client_id is None or client_secret is None:
-        raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
+        message = f"incomplete eDRV credentials: {missing[0]} is missing"
+        if only_first_argument and missing == [_ENV_CLIENT_SECRET]:
+            message += "; if the one argument you passed is an API key, pass it as api_key=..."
+        raise EdrvAuthError(message)
     if not _is_text(client_id) or not _is_text(client_secret.value):
         raise EdrvAuthError(
             f"{_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} must be text (they hold bytes that "

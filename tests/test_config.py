@@ -164,6 +164,25 @@ def test_missing_or_conflicting_credentials_are_named(
     assert leak_watch.leaks(str(caught.value), repr(caught.value)) == []
 
 
+def test_an_api_key_passed_as_the_only_argument_is_named(leak_watch: LeakWatch) -> None:
+    """`EdrvAuth(key)` says that an API key goes in api_key=, without echoing it."""
+    with pytest.raises(EdrvAuthError) as caught:
+        EdrvAuth(API_KEY)
+    assert str(caught.value) == (
+        "incomplete eDRV credentials: EDRV_CLIENT_SECRET is missing; if the one argument you "
+        "passed is an API key, pass it as api_key=..."
+    )
+    assert leak_watch.leaks(str(caught.value), repr(caught.value)) == []
+
+
+def test_a_client_id_with_its_secret_in_the_environment_is_no_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-argument form is right when the secret comes from EDRV_CLIENT_SECRET."""
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    assert EdrvAuth(CLIENT_ID)._describe().client_id == CLIENT_ID
+
+
 @pytest.mark.parametrize(
     "url",
     ["http://api.edrv.io", "http://10.0.0.1:8080", "ftp://api.edrv.io", "api.edrv.io", ""],
