@@ -2224,7 +2224,10 @@ def _masked(value: str | None) -> _Secret | None:
 
 
 def _credentials(
-    client_id: str | None, client_secret: _Secret | None, api_key: _Secret | None
+    client_id: str | None,
+    client_secret: _Secret | None,
+    api_key: _Secret | None,
+    strays: dict[str, str | None],
 ) -> tuple[str, _Secret] | _Secret:
     """Decide the mode and its credentials; explicit arguments win.
 
@@ -2232,6 +2235,8 @@ def _credentials(
     arguments choose and the environment only fills in the other half of a client
     id/secret pair. Otherwise everything comes from the environment. Secrets
     arrive masked and are read from the environment masked: this frame may raise.
+    ``strays`` (from `_stray_variables`) lets a "missing" error name the
+    misspelled variable that was meant to supply it.
 
     Returns the API key, or the client id and secret.
     """
@@ -2268,18 +2273,93 @@ def _credentials(
         raise EdrvAuthError(
             f"no eDRV credentials: set {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} "
             f"(or {_ENV_API_KEY}), or pass them to EdrvAuth()"
+            + _meant_for((*missing, _ENV_API_KEY), strays)
         )
     if missing or client_id is None or client_secret is None:
         message = f"incomplete eDRV credentials: {missing[0]} is missing"
         if only_first_argument and missing == [_ENV_CLIENT_SECRET]:
             message += "; if the one argument you passed is an API key, pass it as api_key=..."
-        raise EdrvAuthError(message)
+        raise EdrvAuthError(message + _meant_for(missing, strays))
     if not _is_text(client_id) or not _is_text(client_secret.value):
         raise EdrvAuthError(
             f"{_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} must be text (they hold bytes that "
             "are not UTF-8)"
         )
     return client_id, client_secret
+
+
+#: Every variable edrv_auth reads. Any other ``EDRV_*`` name is reported once,
+#: since a misspelled one would otherwise be silently ignored.
+_OUR_VARIABLES: Final = (
+    _ENV_CLIENT_ID,
+    _ENV_CLIENT_SECRET,
+    _ENV_API_KEY,
+    _ENV_TOKEN_URL,
+    _ENV_AUDIENCE,
+    _ENV_API_URL,
+    _ENV_CACHE_DIR,
+    _ENV_REDIS_URL,
+)
+#: The stray variables already reported in this process.
+_reported_strays: set[str] = set()
+
+
+def _stray_variables() -> dict[str, str | None]:
+    """The ``EDRV_*`` variables set here that edrv_auth does not read, each with the
+    closest name it does read (or ``None``).
+
+    Names are compared, never values: a value may be a secret. Lower-case names
+    count too (``edrv_client_id`` is ignored on POSIX). The scan costs a few
+    microseconds per construction.
+    """
+    return {
+        name: _closest_variable(name.upper())
+        for name in os.environ
+        if name[:5].upper() == "EDRV_" and name not in _OUR_VARIABLES
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _closest_variable(name: str) -> str | None:
+    """The variable edrv_auth reads that ``name`` most likely misspells, if any.
+
+    A cutoff of 0.75 catches a swapped letter, a dropped underscore or a missing
+    ``AUTH_``, without offering ``EDRV_CLIENT_SECRET`` for an unrelated
+    ``EDRV_WEBHOOK_SECRET``. Cached: a stray name costs difflib once per process.
+    """
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name, _OUR_VARIABLES, 1, 0.75)), None)
+
+
+def _meant_for(wanted: Sequence[str], strays: dict[str, str | None]) -> str:
+    """A hint naming the stray variables whose closest name is one of ``wanted``."""
+    meant = [
+        f"{stray} is set: did you mean {name}?" for stray, name in strays.items() if name in wanted
+    ]
+    return f" ({'; '.join(meant)})" if meant else ""
+
+
+def _report_strays(strays: dict[str, str | None]) -> None:
+    """Warn, once per process and name, about the ``EDRV_*`` variables edrv_auth ignores.
+
+    A log warning rather than ``warnings.warn``: the fix is in the environment,
+    not in the calling line, and a test suite run with ``-W error`` must not
+    fail, or pass, depending on the shell it starts from. With no logging
+    configured, Python still prints it on stderr.
+    """
+    for stray, name in strays.items():
+        if stray in _reported_strays:
+            continue
+        _reported_strays.add(stray)
+        if name is None:
+            _log.warning(
+                "%s is not a variable edrv_auth reads (it reads %s)",
+                stray,
+                ", ".join(_OUR_VARIABLES),
+            )
+        else:
+            _log.warning("%s is not a variable edrv_auth reads; did you mean %s?", stray, name)
 
 
 def _is_text(value: str) -> bool:
@@ -2654,7 +2734,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         secret, key = _masked(client_secret), _masked(api_key)
         redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
         del client_secret, api_key, redis_url
-        credentials = _credentials(client_id, secret, key)
+        strays = _stray_variables()
+        credentials = _credentials(client_id, secret, key, strays)
+        _report_strays(strays)
         if not isinstance(credentials, _Secret):
             _require_filelock()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
@@ -2935,6 +3017,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Remove the cached token from disk; the next use requests a new one.",
     )
     args = parser.parse_args(argv)
+    if not _log.hasHandlers():
+        # Logging is not configured, as usual for a command: warnings (a misspelled
+        # EDRV_* variable, an unusable cache folder) go to stderr like the errors.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("edrv_auth: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        _log.addHandler(handler)
     try:
         auth = EdrvAuth()
     except EdrvAuthError as exc:

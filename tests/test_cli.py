@@ -116,6 +116,23 @@ def test_expected_failures_are_one_line_without_traceback(
     assert leak_watch.leaks(result.stderr, "test-wrong-secret") == []
 
 
+def test_a_misspelled_variable_is_one_warning_line_on_stderr(
+    fake_env: FakeEdrv, leak_watch: LeakWatch
+) -> None:
+    """The command line names a misspelled EDRV_* variable once on stderr, as `edrv_auth: ...`,
+    without its value, and still works."""
+    value = "test-misspelled-value-canary"
+    leak_watch.secrets.add(value)
+    env = dict(os.environ, EDRV_AUDIENCES=value)
+    result = run_cli("token", env=env)
+    assert result.returncode == 0
+    assert result.stdout.strip() in fake_env.issued_tokens
+    assert result.stderr == (
+        "edrv_auth: EDRV_AUDIENCES is not a variable edrv_auth reads; did you mean EDRV_AUDIENCE?\n"
+    )
+    assert leak_watch.leaks(result.stdout, result.stderr) == []
+
+
 def test_help_for_each_command() -> None:
     """`--help` works for the program and each command, and documents the exit codes."""
     main_help = run_cli("--help")

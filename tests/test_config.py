@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -146,6 +149,16 @@ def test_cache_dir_argument_then_environment_then_user_cache(
             "not both",
         ),
         ({}, {"EDRV_API_KEY": API_KEY, "EDRV_CLIENT_ID": CLIENT_ID}, "not both"),
+        (
+            {},
+            {"EDRV_CLIENTID": CLIENT_ID, "EDRV_CLIENT_SECRET": CLIENT_SECRET},
+            "EDRV_CLIENT_ID is missing (EDRV_CLIENTID is set: did you mean EDRV_CLIENT_ID?)",
+        ),
+        (
+            {},
+            {"EDRV_APIKEY": API_KEY},
+            "or pass them to EdrvAuth() (EDRV_APIKEY is set: did you mean EDRV_API_KEY?)",
+        ),
     ],
 )
 def test_missing_or_conflicting_credentials_are_named(
@@ -181,6 +194,70 @@ def test_a_client_id_with_its_secret_in_the_environment_is_no_api_key(
     """The one-argument form is right when the secret comes from EDRV_CLIENT_SECRET."""
     monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
     assert EdrvAuth(CLIENT_ID)._describe().client_id == CLIENT_ID
+
+
+@pytest.fixture
+def warnings_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Callable[[], list[str]]:
+    """The edrv_auth warnings logged so far, in a process that has reported no variable yet."""
+    monkeypatch.setattr(edrv_auth, "_reported_strays", set())
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("EDRV_TOKEN_URI", "EDRV_TOKEN_URL"),
+        ("EDRV_CLIENT_SECRETS", "EDRV_CLIENT_SECRET"),
+        ("EDRV_CACHE_DIR", "EDRV_AUTH_CACHE_DIR"),
+        ("EDRV_REDIS_URL", "EDRV_AUTH_REDIS_URL"),
+        ("edrv_api_url", "EDRV_API_URL"),
+    ],
+)
+def test_a_misspelled_variable_is_reported_once_with_the_name_meant(
+    monkeypatch: pytest.MonkeyPatch,
+    warnings_logged: Callable[[], list[str]],
+    leak_watch: LeakWatch,
+    name: str,
+    meant: str,
+) -> None:
+    """An EDRV_* variable edrv_auth does not read is named in one warning per process, with
+    the closest real name, and never its value (it may be a secret)."""
+    value = "test-misspelled-value-canary"
+    leak_watch.secrets.add(value)
+    monkeypatch.setenv(name, value)
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    EdrvAuth(api_key=API_KEY)
+    assert warnings_logged() == [f"{name} is not a variable edrv_auth reads; did you mean {meant}?"]
+
+
+def test_an_unknown_variable_is_reported_without_a_far_fetched_guess(
+    monkeypatch: pytest.MonkeyPatch, warnings_logged: Callable[[], list[str]]
+) -> None:
+    """A name close to none of ours gets the list of those edrv_auth reads, not a guess."""
+    monkeypatch.setenv("EDRV_WEBHOOK_SECRET", "test-webhook-secret")
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    (warning,) = warnings_logged()
+    assert warning.startswith("EDRV_WEBHOOK_SECRET is not a variable edrv_auth reads (it reads ")
+    assert "did you mean" not in warning
+    assert set(re.findall(r"EDRV_\w+", warning)) == {
+        "EDRV_WEBHOOK_SECRET",
+        *edrv_auth._OUR_VARIABLES,
+    }
+
+
+def test_our_own_variables_raise_no_warning(
+    monkeypatch: pytest.MonkeyPatch, warnings_logged: Callable[[], list[str]], fake: FakeEdrv
+) -> None:
+    """Every variable edrv_auth reads, all set at once, is silently used."""
+    for name, value in fake.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EDRV_AUDIENCE", "https://api.edrv.io")
+    monkeypatch.setenv("EDRV_AUTH_REDIS_URL", "")  # empty: unset, but a name we read
+    monkeypatch.setenv("EDRV_API_KEY", "")
+    assert EdrvAuth().get_token() in fake.issued_tokens
+    assert warnings_logged() == []
 
 
 @pytest.mark.parametrize(
