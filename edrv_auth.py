@@ -1161,6 +1161,8 @@ def _token_error(url: str, answer: _Answer, redactor: _Redactor) -> TokenRequest
         )
     if status in (400, 401, 403) and error in _CREDENTIAL_ERRORS:
         message += f" (check {_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET} and the audience)"
+    if status == 404:  # a wrong path or host in the URL, not a refusal
+        message += f" (no token endpoint at that URL: check {_ENV_TOKEN_URL} or token_url=)"
     return TokenRequestError(message, status, error)
 
 

@@ -85,6 +85,7 @@ def test_api_key_mode(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
         ("endpoint-down", 1, "could not reach the token endpoint"),
         ("proxy-html", 1, "a proxy or gateway"),
         ("insecure-url", 2, "must use https"),
+        ("wrong-token-path", 1, "HTTP 404 (no token endpoint at that URL: check EDRV_TOKEN_URL"),
     ],
 )
 def test_expected_failures_are_one_line_without_traceback(
@@ -105,6 +106,8 @@ def test_expected_failures_are_one_line_without_traceback(
         fake.queue_token_response(200, f"<html>proxy login {CLIENT_SECRET}</html>")
     elif setup == "insecure-url":
         env["EDRV_TOKEN_URL"] = "http://auth.example/oauth/token"
+    elif setup == "wrong-token-path":
+        env["EDRV_TOKEN_URL"] = fake.url + "/oauth/tokens"  # the fake answers 404 there
     result = run_cli("token", env=env)
     assert result.returncode == code
     assert result.stdout == ""
