@@ -1620,9 +1620,7 @@ class _RedisCache:
         try:
             import redis  # noqa: F401 - fail at construction, not at the first request
         except ImportError:
-            raise EdrvAuthError(
-                "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
-            ) from None
+            raise EdrvAuthError("redis_url needs the redis package: pip install redis") from None
         # The URL may hold a password: it is parsed in a frame that returns
         # before anything raises, and comes back as a label that shows none.
         problem, label = _redis_label(url)
@@ -2676,7 +2674,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         timeout: Seconds for one token request attempt, its whole answer
             included (at most 25).
         redis_url: Share the token across machines through Redis
-            (``pip install 'edrv-auth[redis]'``). Default:
+            (needs ``pip install redis``). Default:
             ``$EDRV_AUTH_REDIS_URL``.
         verify: What the token request trusts. ``True`` (the default) trusts
             what requests and httpx trust in the same environment: the CA

@@ -371,7 +371,7 @@ def test_redis_url_without_the_redis_package_says_how_to_install_it(
 ) -> None:
     """redis is an optional extra: without it, construction names the extra to install."""
     monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
-    with pytest.raises(EdrvAuthError, match=r"pip install 'edrv-auth\[redis\]'"):
+    with pytest.raises(EdrvAuthError, match=r"redis package: pip install redis$"):
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, redis_url="redis://127.0.0.1:6379/0")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,17 @@ def test_shell_line_runs(fake_env: FakeEdrv, leak_watch: LeakWatch, line: str) -
     assert leak_watch.leaks(result.stderr) == []
     if "curl " in line:
         assert '"ok": true' in result.stdout
+
+
+def test_install_commands_can_work() -> None:
+    """No pip install in the README asks the index for edrv-auth, which is not there: the
+    package comes from a path, a wheel built here, or an explicit git+ URL, never a
+    placeholder one."""
+    text = README.read_text(encoding="utf-8")
+    commands = re.findall(r"pip install ([^`\n#&;|]+)", text)
+    assert len(commands) >= 5  # the clone, the tests, the wheel, the git+ form, redis...
+    for command in commands:
+        for word in shlex.split(command):
+            if re.match(r"edrv[-_]auth", word, flags=re.IGNORECASE):
+                assert " @ git+" in word, command
+    assert "OWNER" not in text
