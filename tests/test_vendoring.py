@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
+import venv
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,36 @@ def test_vendored_without_filelock_says_what_to_install(
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert fake_env.token_requests == 0  # refused before anything was sent
     assert leak_watch.leaks(result.stdout, result.stderr) == []
+
+
+@pytest.mark.posix_only  # symbolic links
+def test_vendored_file_type_checks_without_redis(vendored: Path, tmp_path: Path) -> None:
+    """`mypy --strict` passes on the copied file where only its hard dependencies are
+    installed (requests, httpx, filelock): redis is an optional extra."""
+    pytest.importorskip("mypy", reason="mypy is in the dev extra; nox's typing session runs it")
+    # An interpreter that sees our packages but redis: a bare venv whose site-packages
+    # links to each of ours, redis and edrv_auth itself left out.
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "env")
+    python = tmp_path / "env" / "bin" / "python"
+    where = [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+    target = Path(subprocess.run(where, capture_output=True, text=True, check=True).stdout.strip())
+    for folder in {Path(p).resolve() for p in site.getsitepackages()}:
+        for entry in folder.iterdir():
+            link = target / entry.name
+            if (
+                not entry.name.startswith(("redis", "edrv_auth", "_edrv_auth"))
+                and not link.exists()
+            ):
+                link.symlink_to(entry)
+    probe = subprocess.run(
+        [python, "-c", "import requests, httpx, filelock; import redis"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.stderr.endswith("No module named 'redis'\n"), probe.stderr  # only redis missing
+
+    mypy = ["-m", "mypy", "--strict", "--no-incremental", "--python-executable", str(python)]
+    result = run_python(*mypy, "edrv_auth.py", cwd=vendored, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("Success: no issues found in 1 source file")
