@@ -2975,6 +2975,12 @@ def _status(auth: EdrvAuth) -> str:
     return "\n".join(lines)
 
 
+def _error_line(exc: EdrvAuthError) -> str:
+    """An error as the one stderr line, prefixed once (never "edrv_auth: edrv_auth needs")."""
+    message = str(exc)
+    return "edrv_auth: " + message.removeprefix("edrv_auth ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m edrv_auth token|status|clear``; returns the exit status.
 
@@ -3029,7 +3035,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         auth = EdrvAuth()
     except EdrvAuthError as exc:
-        print(f"edrv_auth: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 2
     try:
         if args.command == "token":
@@ -3047,7 +3053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(_status(auth))
     except EdrvAuthError as exc:
-        print(f"edrv_auth: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -106,6 +106,7 @@ def test_vendored_without_filelock_says_what_to_install(
     assert key == "test-key"  # API-key mode needs no cache, hence no filelock
     assert result.returncode == 2
     assert result.stderr.startswith("edrv_auth: ")
+    assert not result.stderr.startswith("edrv_auth: edrv_auth")  # one prefix, not two
     assert "pip install filelock" in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert fake_env.token_requests == 0  # refused before anything was sent
