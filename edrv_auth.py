@@ -3010,8 +3010,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "token",
         help="print a valid access token and nothing else",
-        description="Print a valid access token (fetching one if needed) and nothing else, "
-        'for use as curl -H "Authorization: Bearer $(python -m edrv_auth token)".',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print a valid access token (requesting one if needed) and nothing else:\n\n"
+        '  token=$(python -m edrv_auth token) && curl -H "Authorization: Bearer $token" URL\n\n'
+        "The && stops there when no token could be had, instead of sending an empty one.",
     )
     commands.add_parser(
         "status",

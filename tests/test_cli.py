@@ -136,6 +136,17 @@ def test_a_misspelled_variable_is_one_warning_line_on_stderr(
     assert leak_watch.leaks(result.stdout, result.stderr) == []
 
 
+def test_token_help_shows_the_safe_shell_form() -> None:
+    """`token --help` shows the README's `token=$(...) && curl` form, not the inline `$(...)`
+    that sends an empty header when no token could be had."""
+    result = run_cli("token", "--help")
+    assert result.returncode == 0
+    assert 'token=$(python -m edrv_auth token) && curl -H "Authorization: Bearer $token"' in (
+        result.stdout
+    )
+    assert "Bearer $(" not in result.stdout
+
+
 def test_help_for_each_command() -> None:
     """`--help` works for the program and each command, and documents the exit codes."""
     main_help = run_cli("--help")
