@@ -18,13 +18,13 @@ tokens as possible::
 
 The file is self-contained: copy it next to a script and it works with whichever
 of requests and httpx is installed (it needs ``filelock``).
-
-Sections, each built only from the ones above it:
-    Errors · Token values · Token endpoint (the one token request) ·
-    Shared caches (file, Redis) · Token source (every token decision) ·
-    Configuration · Adapters' helpers (origin guard, the 401 policy) ·
-    EdrvAuth (configuration and the three adapters) · Command line
 """
+
+# The file's sections, each built only from the ones above it:
+#     Errors · Token values · Token endpoint (the one token request) ·
+#     Shared caches (file, Redis) · Token source (every token decision) ·
+#     Configuration · Adapters' helpers (origin guard, the 401 policy) ·
+#     EdrvAuth (configuration and the three adapters) · Command line
 
 from __future__ import annotations
 

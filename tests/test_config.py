@@ -25,6 +25,18 @@ def test_public_names() -> None:
     assert isinstance(edrv_auth.__version__, str)
 
 
+def test_help_speaks_to_users() -> None:
+    """help(edrv_auth) shows the module docstring: usage, not the maintainers' map of the file's
+    sections (no line of it lists two of the section banners)."""
+    source = Path(edrv_auth.__file__).read_text(encoding="utf-8")
+    sections = re.findall(r"^# ---- (.+?)[:(-]", source, flags=re.MULTILINE)
+    assert len(sections) >= 8
+    doc = edrv_auth.__doc__ or ""
+    assert "EdrvAuth()" in doc
+    for line in doc.splitlines():
+        assert sum(section.strip() in line for section in sections) < 2, line
+
+
 def test_is_an_auth_for_both_libraries() -> None:
     """One object is a requests AuthBase and an httpx Auth."""
     import httpx
