@@ -2779,10 +2779,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         view = self._describe()
         if view is None:
             return f"EdrvAuth(api_key='***', api_url={self._origin.url!r})"
-        shared = ", ".join(repr(store.label) for store in view.stores)
+        cache = ", then ".join(store.label for store in view.stores)  # Redis, then the file
         return (
-            f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, "
-            f"cache=[{shared}])"
+            f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, cache={cache!r})"
         )
 
     def __getstate__(self) -> dict[str, object]:

@@ -318,11 +318,14 @@ def test_bad_numbers_are_refused(kwargs: dict[str, object], match: str) -> None:
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, **kwargs)  # type: ignore[arg-type]
 
 
-def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch) -> None:
-    """repr()/str() show the client id and API URL, never the secret or the key."""
+def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch, clean_env: Path) -> None:
+    """repr()/str() show the client id, API URL and cache folder, never the secret or the key."""
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert CLIENT_ID in repr(auth)
-    assert "https://api.edrv.io" in str(auth)
+    assert repr(auth) == (
+        f"EdrvAuth(client_id={CLIENT_ID!r}, api_url='https://api.edrv.io', "
+        f"cache={str(clean_env)!r})"
+    )
+    assert str(auth) == repr(auth)
     keyed = EdrvAuth(api_key=API_KEY)
     assert "api_key='***'" in repr(keyed)
     assert leak_watch.leaks(repr(auth), str(auth), repr(keyed), str(keyed)) == []
@@ -388,15 +391,16 @@ def test_redis_url_without_the_redis_package_says_how_to_install_it(
 
 
 def test_redis_url_from_environment_and_its_password_stays_hidden(
-    monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch
+    monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch, clean_env: Path
 ) -> None:
-    """EDRV_AUTH_REDIS_URL is used; the repr shows host, port and db, never the password."""
+    """EDRV_AUTH_REDIS_URL is used; the repr shows host, port and db (then the file cache it
+    falls back to), never the password."""
     pytest.importorskip("redis", reason="the redis extra is not installed")
     password = "test-redis-password-canary"
     leak_watch.secrets.add(password)
     monkeypatch.setenv("EDRV_AUTH_REDIS_URL", f"redis://user:{password}@127.0.0.1:6390/2")
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert "redis://127.0.0.1:6390/2" in repr(auth)
+    assert repr(auth).endswith(f"cache='redis://127.0.0.1:6390/2, then {clean_env}')")
     assert leak_watch.leaks(repr(auth), repr(auth._describe().stores)) == []
 
 
