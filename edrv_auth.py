@@ -2754,8 +2754,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         if not _is_number(refresh_margin) or refresh_margin < 0:
             raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
         if not _is_number(timeout) or not 0 < timeout <= _FETCH_DEADLINE:
-            # Longer, and other processes would give up waiting for the lock first.
-            raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
+            raise EdrvAuthError(
+                f"timeout must be more than 0 and at most {_FETCH_DEADLINE:g} seconds, so that "
+                "a token request ends before other processes stop waiting for the token cache "
+                f"lock (after {_LOCK_TIMEOUT:g} s)"
+            )
         verify = _checked_verify(verify)
         self._source: _TokenSource | _KeySource
         self._usual_hook: functools.partial[requests.Response] | None = None

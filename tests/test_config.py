@@ -419,9 +419,14 @@ def test_api_key_mode_ignores_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_timeout_longer_than_the_lock_wait_is_refused() -> None:
-    """A token request must end before other processes stop waiting for the lock."""
-    with pytest.raises(EdrvAuthError, match="timeout"):
+    """A token request must end before other processes stop waiting for the lock: the
+    message says the bounds in words, and why."""
+    with pytest.raises(EdrvAuthError) as caught:
         EdrvAuth(CLIENT_ID, "test-secret", timeout=60)
+    assert str(caught.value) == (
+        "timeout must be more than 0 and at most 25 seconds, so that a token request ends "
+        "before other processes stop waiting for the token cache lock (after 30 s)"
+    )
 
 
 def test_explicit_default_url_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
