@@ -2,8 +2,8 @@
 
 Python blocks run as scripts, with `https://api.edrv.io` pointed at the fake.
 Shell blocks run line by line, except the commands that install packages or run
-the test suite, the try-out and benchmarks, which CI itself runs, and the
-section that runs the fake by hand, which runs as one session (two shells).
+the test suite and benchmarks, which CI itself runs, and the section that runs
+the fake by hand, which runs as one session (two shells). The try-out runs whole.
 """
 
 from __future__ import annotations
@@ -155,3 +155,21 @@ def test_running_your_code_against_the_fake_works_as_shown(leak_watch: LeakWatch
         if server.poll() is None:
             server.kill()
         server.communicate()
+
+
+def test_tryout_explains_the_cap_in_plain_words() -> None:
+    """The try-out (the README's first command) runs, and its step 4 says in words what the cap
+    did, truly: eDRV got no token request past the 5 a minute it allows."""
+    result = run([sys.executable, "examples/tryout.py"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    step = lines.index("4. a revoked client: the API rejects every token; 30 requests follow")
+    seen, counted, cap = lines[step + 1 : step + 4]
+    assert seen == "   the caller sees [401]: each 401 comes back as eDRV sent it"
+    assert re.fullmatch(
+        r"   eDRV got \d+ more token requests, 5 since the start, and no more: at most", counted
+    )
+    assert (
+        cap == "   5 a minute per credential set (client id and secret), counted across processes"
+    )
+    assert "totals: token requests 5," in result.stdout
