@@ -2653,7 +2653,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     shares (or in Redis, for many machines), replaced shortly before it
     expires, and renewed once, transparently, when the API answers ``401``.
     Any number of threads and processes starting together make one token
-    request, and never more than 5 a minute per client id.
+    request, and never more than 5 a minute per credential set (client id
+    and secret).
 
     One instance may serve any number of threads, event loops (asyncio or
     trio) and processes: it pickles, and keeps working in a forked child.
@@ -2972,7 +2973,7 @@ def _status(auth: EdrvAuth) -> str:
     recent = record.counted_times(now) if record else ()
     lines.append(
         f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
-        f"(at most {_MAX_TOKEN_REQUESTS} per client id)"
+        f"(at most {_MAX_TOKEN_REQUESTS} per credential set: client id and secret)"
     )
     return "\n".join(lines)
 
