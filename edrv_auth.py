@@ -2524,7 +2524,7 @@ class _ApiOrigin:
 def _after_response(
     status: int,
     answered_url: str | httpx.URL,
-    header_sent: str | None,
+    header_sent: str | bytes | None,
     our_header: str,
     replayable: bool,
     origin: _ApiOrigin,
@@ -2597,8 +2597,10 @@ def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Respons
     # As HTTPDigestAuth does, carry cookies set by the 401 into the re-sent request.
     from requests.cookies import extract_cookies_to_jar
 
-    jar = prepared._cookies  # type: ignore[attr-defined]
-    extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call]
+    # requests' own annotations and types-requests differ here: each ignore covers one,
+    # and may go unused under the other.
+    jar: Any = prepared._cookies  # type: ignore[attr-defined, unused-ignore]
+    extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call, unused-ignore]
     prepared.prepare_cookies(jar)
 
 

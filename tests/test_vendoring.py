@@ -114,12 +114,20 @@ def test_vendored_without_filelock_says_what_to_install(
 
 
 @pytest.mark.posix_only  # symbolic links
-def test_vendored_file_type_checks_without_redis(vendored: Path, tmp_path: Path) -> None:
+def test_vendored_file_type_checks_with_only_its_dependencies(
+    vendored: Path, tmp_path: Path
+) -> None:
     """`mypy --strict` passes on the copied file where only its hard dependencies are
-    installed (requests, httpx, filelock): redis is an optional extra."""
+    installed (requests, httpx, filelock): neither redis, an optional extra, nor
+    types-requests, where requests ships its own annotations."""
     pytest.importorskip("mypy", reason="mypy is in the dev extra; nox's typing session runs it")
-    # An interpreter that sees our packages but redis: a bare venv whose site-packages
-    # links to each of ours, redis and edrv_auth itself left out.
+    import requests
+
+    # An interpreter that sees our packages but those: a bare venv whose site-packages
+    # links to each of ours, those and edrv_auth itself left out.
+    leave_out = ("redis", "edrv_auth", "_edrv_auth")
+    if (Path(requests.__file__).parent / "py.typed").exists():  # else stubs are needed
+        leave_out += ("requests-stubs", "types_requests")
     venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "env")
     python = tmp_path / "env" / "bin" / "python"
     where = [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
@@ -127,10 +135,7 @@ def test_vendored_file_type_checks_without_redis(vendored: Path, tmp_path: Path)
     for folder in {Path(p).resolve() for p in site.getsitepackages()}:
         for entry in folder.iterdir():
             link = target / entry.name
-            if (
-                not entry.name.startswith(("redis", "edrv_auth", "_edrv_auth"))
-                and not link.exists()
-            ):
+            if not entry.name.startswith(leave_out) and not link.exists():
                 link.symlink_to(entry)
     probe = subprocess.run(
         [python, "-c", "import requests, httpx, filelock; import redis"],
