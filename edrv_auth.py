@@ -18,13 +18,13 @@ tokens as possible::
 
 The file is self-contained: copy it next to a script and it works with whichever
 of requests and httpx is installed (it needs ``filelock``).
-
-Sections, each built only from the ones above it:
-    Errors · Token values · Token endpoint (the one token request) ·
-    Shared caches (file, Redis) · Token source (every token decision) ·
-    Configuration · Adapters' helpers (origin guard, the 401 policy) ·
-    EdrvAuth (configuration and the three adapters) · Command line
 """
+
+# The file's sections, each built only from the ones above it:
+#     Errors · Token values · Token endpoint (the one token request) ·
+#     Shared caches (file, Redis) · Token source (every token decision) ·
+#     Configuration · Adapters' helpers (origin guard, the 401 policy) ·
+#     EdrvAuth (configuration and the three adapters) · Command line
 
 from __future__ import annotations
 
@@ -1236,6 +1236,8 @@ def _token_error(url: str, answer: _Answer, redactor: _Redactor) -> TokenRequest
         )
     if status in (400, 401, 403) and error in _CREDENTIAL_ERRORS:
         message += f" (check {_ENV_CLIENT_ID}, {_ENV_CLIENT_SECRET} and the audience)"
+    if status == 404:  # a wrong path or host in the URL, not a refusal
+        message += f" (no token endpoint at that URL: check {_ENV_TOKEN_URL} or token_url=)"
     return TokenRequestError(message, status, error)
 
 
@@ -1705,11 +1707,11 @@ class _RedisCache:
 
     def __init__(self, url: _Secret, name: str) -> None:
         try:
-            import redis  # noqa: F401 - fail at construction, not at the first request
-        except ImportError:
-            raise EdrvAuthError(
-                "redis_url needs the redis package: pip install 'edrv-auth[redis]'"
-            ) from None
+            # An optional dependency: the ignore lets `mypy --strict` pass on a copy of
+            # this file where redis is not installed (and is unused where it is).
+            import redis  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:  # fail at construction, not at the first request
+            raise EdrvAuthError("redis_url needs the redis package: pip install redis") from None
         # The URL may hold a password: it is parsed in a frame that returns
         # before anything raises, and comes back as a label that shows none.
         problem, label = _redis_label(url)
@@ -1731,7 +1733,7 @@ class _RedisCache:
 
     def _call(self, operation: Callable[[Any], Any]) -> Any:
         """Run one Redis operation; any Redis failure becomes an OSError."""
-        import redis
+        import redis  # type: ignore[import-not-found, unused-ignore]  # as in __init__
 
         if _clock.monotonic() < self._down_until:
             raise _RedisDown("unreachable a moment ago")
@@ -2194,9 +2196,9 @@ class _TokenSource:
         raise TokenRequestError(
             f"not requesting a token: {len(counted)} token requests for this client id and "
             f"secret in the last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive "
-            f"token requests as misuse); the cap counts per client id and secret, across every "
-            f"process using this cache, and clearing the cache does not lift it: the next "
-            f"request is allowed in {wait:.0f} s"
+            f"token requests as misuse); the cap counts per credential set (client id and "
+            f"secret), across every process using this cache, and clearing the cache does not "
+            f"lift it: the next request is allowed in {wait:.0f} s"
         )
 
     # -- the background renewal ----------------------------------------------
@@ -2467,7 +2469,10 @@ def _masked(value: str | None) -> _Secret | None:
 
 
 def _credentials(
-    client_id: str | None, client_secret: _Secret | None, api_key: _Secret | None
+    client_id: str | None,
+    client_secret: _Secret | None,
+    api_key: _Secret | None,
+    strays: dict[str, str | None],
 ) -> tuple[str, _Secret] | _Secret:
     """Decide the mode and its credentials; explicit arguments win.
 
@@ -2475,9 +2480,13 @@ def _credentials(
     arguments choose and the environment only fills in the other half of a client
     id/secret pair. Otherwise everything comes from the environment. Secrets
     arrive masked and are read from the environment masked: this frame may raise.
+    ``strays`` (from `_stray_variables`) lets a "missing" error name the
+    misspelled variable that was meant to supply it.
 
     Returns the API key, or the client id and secret.
     """
+    # `EdrvAuth("...")` alone: an API key passed where the client id goes.
+    only_first_argument = client_id is not None and client_secret is None and api_key is None
     if api_key is not None or client_id is not None or client_secret is not None:
         if api_key is None:
             client_id = client_id or _env(_ENV_CLIENT_ID)
@@ -2509,15 +2518,93 @@ def _credentials(
         raise EdrvAuthError(
             f"no eDRV credentials: set {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} "
             f"(or {_ENV_API_KEY}), or pass them to EdrvAuth()"
+            + _meant_for((*missing, _ENV_API_KEY), strays)
         )
     if missing or client_id is None or client_secret is None:
-        raise EdrvAuthError(f"incomplete eDRV credentials: {missing[0]} is missing")
+        message = f"incomplete eDRV credentials: {missing[0]} is missing"
+        if only_first_argument and missing == [_ENV_CLIENT_SECRET]:
+            message += "; if the one argument you passed is an API key, pass it as api_key=..."
+        raise EdrvAuthError(message + _meant_for(missing, strays))
     if not _is_text(client_id) or not _is_text(client_secret.value):
         raise EdrvAuthError(
             f"{_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} must be text (they hold bytes that "
             "are not UTF-8)"
         )
     return client_id, client_secret
+
+
+#: Every variable edrv_auth reads. Any other ``EDRV_*`` name is reported once,
+#: since a misspelled one would otherwise be silently ignored.
+_OUR_VARIABLES: Final = (
+    _ENV_CLIENT_ID,
+    _ENV_CLIENT_SECRET,
+    _ENV_API_KEY,
+    _ENV_TOKEN_URL,
+    _ENV_AUDIENCE,
+    _ENV_API_URL,
+    _ENV_CACHE_DIR,
+    _ENV_REDIS_URL,
+)
+#: The stray variables already reported in this process.
+_reported_strays: set[str] = set()
+
+
+def _stray_variables() -> dict[str, str | None]:
+    """The ``EDRV_*`` variables set here that edrv_auth does not read, each with the
+    closest name it does read (or ``None``).
+
+    Names are compared, never values: a value may be a secret. Lower-case names
+    count too (``edrv_client_id`` is ignored on POSIX). The scan costs a few
+    microseconds per construction.
+    """
+    return {
+        name: _closest_variable(name.upper())
+        for name in os.environ
+        if name[:5].upper() == "EDRV_" and name not in _OUR_VARIABLES
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _closest_variable(name: str) -> str | None:
+    """The variable edrv_auth reads that ``name`` most likely misspells, if any.
+
+    A cutoff of 0.75 catches a swapped letter, a dropped underscore or a missing
+    ``AUTH_``, without offering ``EDRV_CLIENT_SECRET`` for an unrelated
+    ``EDRV_WEBHOOK_SECRET``. Cached: a stray name costs difflib once per process.
+    """
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name, _OUR_VARIABLES, 1, 0.75)), None)
+
+
+def _meant_for(wanted: Sequence[str], strays: dict[str, str | None]) -> str:
+    """A hint naming the stray variables whose closest name is one of ``wanted``."""
+    meant = [
+        f"{stray} is set: did you mean {name}?" for stray, name in strays.items() if name in wanted
+    ]
+    return f" ({'; '.join(meant)})" if meant else ""
+
+
+def _report_strays(strays: dict[str, str | None]) -> None:
+    """Warn, once per process and name, about the ``EDRV_*`` variables edrv_auth ignores.
+
+    A log warning rather than ``warnings.warn``: the fix is in the environment,
+    not in the calling line, and a test suite run with ``-W error`` must not
+    fail, or pass, depending on the shell it starts from. With no logging
+    configured, Python still prints it on stderr.
+    """
+    for stray, name in strays.items():
+        if stray in _reported_strays:
+            continue
+        _reported_strays.add(stray)
+        if name is None:
+            _log.warning(
+                "%s is not a variable edrv_auth reads (it reads %s)",
+                stray,
+                ", ".join(_OUR_VARIABLES),
+            )
+        else:
+            _log.warning("%s is not a variable edrv_auth reads; did you mean %s?", stray, name)
 
 
 def _is_text(value: str) -> bool:
@@ -2679,7 +2766,7 @@ class _ApiOrigin:
 
 def _after_response(
     answered_url: str | httpx.URL,
-    header_sent: str | None,
+    header_sent: str | bytes | None,
     our_header: str,
     replayable: bool,
     origin: _ApiOrigin,
@@ -2753,8 +2840,10 @@ def _copy_cookies(prepared: requests.PreparedRequest, response: requests.Respons
     # As HTTPDigestAuth does, carry cookies set by the 401 into the re-sent request.
     from requests.cookies import extract_cookies_to_jar
 
-    jar = prepared._cookies  # type: ignore[attr-defined]
-    extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call]
+    # requests' own annotations and types-requests differ here: each ignore covers one,
+    # and may go unused under the other.
+    jar: Any = prepared._cookies  # type: ignore[attr-defined, unused-ignore]
+    extract_cookies_to_jar(jar, response.request, response.raw)  # type: ignore[no-untyped-call, unused-ignore]
     prepared.prepare_cookies(jar)
 
 
@@ -2809,9 +2898,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
     shares (or in Redis, for many machines), replaced shortly before it
     expires, and renewed once, transparently, when the API answers ``401``.
     Any number of threads and processes starting together make one token
-    request, and never more than 5 a minute per client id and secret. A token
-    due for renewal that still has more than ``timeout`` seconds to live is
-    renewed in the background: no request waits for it.
+    request, and never more than 5 a minute per credential set (client id
+    and secret). A token due for renewal that still has more than
+    ``timeout`` seconds to live is renewed in the background: no request
+    waits for it.
 
     One instance may serve any number of threads, event loops (asyncio or
     trio) and processes: it pickles, and keeps working in a forked child.
@@ -2834,7 +2924,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         timeout: Seconds for one token request attempt, its whole answer
             included (at most 25).
         redis_url: Share the token across machines through Redis
-            (``pip install 'edrv-auth[redis]'``). Default:
+            (needs ``pip install redis``). Default:
             ``$EDRV_AUTH_REDIS_URL``.
         verify: What the token request trusts. ``True`` (the default) trusts
             what requests and httpx trust in the same environment: the CA
@@ -2894,7 +2984,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         secret, key = _masked(client_secret), _masked(api_key)
         redis = _masked(redis_url) or _env_secret(_ENV_REDIS_URL)  # it may hold a password
         del client_secret, api_key, redis_url
-        credentials = _credentials(client_id, secret, key)
+        strays = _stray_variables()
+        credentials = _credentials(client_id, secret, key, strays)
+        _report_strays(strays)
         if not isinstance(credentials, _Secret):
             _require_filelock()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
@@ -2910,8 +3002,11 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         if not _is_number(refresh_margin) or refresh_margin < 0:
             raise EdrvAuthError("refresh_margin must be a number of seconds >= 0")
         if not _is_number(timeout) or not 0 < timeout <= _FETCH_DEADLINE:
-            # Longer, and other processes would give up waiting for the lock first.
-            raise EdrvAuthError(f"timeout must be a number of seconds in (0, {_FETCH_DEADLINE:g}]")
+            raise EdrvAuthError(
+                f"timeout must be more than 0 and at most {_FETCH_DEADLINE:g} seconds, so that "
+                "a token request ends before other processes stop waiting for the token cache "
+                f"lock (after {_LOCK_TIMEOUT:g} s)"
+            )
         verify = _checked_verify(verify)
         self._source: _TokenSource | _KeySource
         self._usual_hook: functools.partial[requests.Response] | None = None
@@ -2933,10 +3028,9 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         view = self._describe()
         if view is None:
             return f"EdrvAuth(api_key='***', api_url={self._origin.url!r})"
-        shared = ", ".join(repr(store.label) for store in view.stores)
+        cache = ", then ".join(store.label for store in view.stores)  # Redis, then the file
         return (
-            f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, "
-            f"cache=[{shared}])"
+            f"EdrvAuth(client_id={view.client_id!r}, api_url={self._origin.url!r}, cache={cache!r})"
         )
 
     def __getstate__(self) -> dict[str, object]:
@@ -3122,9 +3216,15 @@ def _status(auth: EdrvAuth) -> str:
     recent = record.counted_times(now) if record else ()
     lines.append(
         f"token requests in the last {_TOKEN_REQUEST_WINDOW:.0f} s: {len(recent)} "
-        f"(at most {_MAX_TOKEN_REQUESTS} per client id and secret)"
+        f"(at most {_MAX_TOKEN_REQUESTS} per credential set: client id and secret)"
     )
     return "\n".join(lines)
+
+
+def _error_line(exc: EdrvAuthError) -> str:
+    """An error as the one stderr line, prefixed once (never "edrv_auth: edrv_auth needs")."""
+    message = str(exc)
+    return "edrv_auth: " + message.removeprefix("edrv_auth ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3156,8 +3256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "token",
         help="print a valid access token and nothing else",
-        description="Print a valid access token (fetching one if needed) and nothing else, "
-        'for use as curl -H "Authorization: Bearer $(python -m edrv_auth token)".',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print a valid access token (requesting one if needed) and nothing else:\n\n"
+        '  token=$(python -m edrv_auth token) && curl -H "Authorization: Bearer $token" URL\n\n'
+        "The && stops there when no token could be had, instead of sending an empty one.",
     )
     commands.add_parser(
         "status",
@@ -3171,10 +3273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Remove the cached token from disk; the next use requests a new one.",
     )
     args = parser.parse_args(argv)
+    if not _log.hasHandlers():
+        # Logging is not configured, as usual for a command: warnings (a misspelled
+        # EDRV_* variable, an unusable cache folder) go to stderr like the errors.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("edrv_auth: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        _log.addHandler(handler)
     try:
         auth = EdrvAuth()
     except EdrvAuthError as exc:
-        print(f"edrv_auth: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 2
     try:
         if args.command == "token":
@@ -3192,7 +3301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(_status(auth))
     except EdrvAuthError as exc:
-        print(f"edrv_auth: {exc}", file=sys.stderr)
+        print(_error_line(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -8,7 +8,7 @@ Children get their configuration from ``EDRV_*`` / ``BENCH_*`` environment varia
 Every loop in the suite is bounded both in count and in time (:func:`bounded`), and every
 child process is waited for with a timeout.
 
-``EDRV_BENCH_MODULE_DIR`` (optional) names a folder holding another ``edrv_auth.py`` to
+``BENCH_MODULE_DIR`` (optional) names a folder holding another ``edrv_auth.py`` to
 measure instead of the repository's, for before/after comparisons.
 """
 
@@ -37,7 +37,7 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 #: Where the measured ``edrv_auth.py`` lives.
-MODULE_DIR = Path(os.environ.get("EDRV_BENCH_MODULE_DIR") or ROOT).resolve()
+MODULE_DIR = Path(os.environ.get("BENCH_MODULE_DIR") or ROOT).resolve()
 for _path in (str(BENCH_DIR), str(ROOT / "tests"), str(MODULE_DIR)):
     if _path in sys.path:
         sys.path.remove(_path)
@@ -94,7 +94,7 @@ class Settings:
             BENCH_STATIC_TOKEN=self.static_token,
             BENCH_BASIC_SHIM="1" if self.basic_shim else "0",
             PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(BENCH_DIR)]),
-            EDRV_BENCH_MODULE_DIR=str(MODULE_DIR),
+            BENCH_MODULE_DIR=str(MODULE_DIR),
         )
         env.update(extra or {})
         return env

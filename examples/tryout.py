@@ -66,6 +66,15 @@ def step(number: int, text: str) -> None:
     print(f"\n{number}. {text}")
 
 
+def describe_cap(statuses: list[int], new: int, total: int) -> str:
+    """Step 4's result in plain words: what the caller saw, and what the cap held back."""
+    return (
+        f"   the caller sees {sorted(set(statuses))}: each 401 comes back as eDRV sent it\n"
+        f"   eDRV got {new} more token requests, {total} since the start, and no more: at most\n"
+        "   5 a minute per credential set (client id and secret), counted across processes"
+    )
+
+
 def main() -> int:
     with FakeEdrv(expires_in=86400) as fake, tempfile.TemporaryDirectory() as cache:
         os.environ.update(fake.environment(cache))  # EDRV_CLIENT_ID, EDRV_TOKEN_URL...
@@ -101,11 +110,7 @@ def main() -> int:
         fake.token_delay = 0.0
         before = fake.token_requests
         statuses = [requests.get(url, auth=auth, timeout=10).status_code for _ in range(30)]
-        print(
-            f"   the caller sees {sorted(set(statuses))}; new token requests: "
-            f"{fake.token_requests - before}, {fake.token_requests} in the last minute in all: "
-            "the cap is 5 a minute per client, across processes"
-        )
+        print(describe_cap(statuses, fake.token_requests - before, fake.token_requests))
 
         totals = fake.counts()
         print(

@@ -5,7 +5,8 @@ because the code under test plugs into both libraries' auth hooks, connection po
 and streamed bodies, and only a real server exercises all of that honestly. It uses the stdlib
 only, so it runs wherever the package does.
 
-Run it by hand with ``python tests/fake_edrv.py [--port N] [--expires-in S]``.
+Run it by hand with ``python tests/fake_edrv.py [--port N] [--expires-in S]``: it prints the
+variables that point edrv_auth at it, for client credentials or for an API key.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import shlex
 import socket
 import socketserver
 import ssl
@@ -378,6 +380,9 @@ class FakeEdrv:
     runs; each request reads them when it is handled. Counters are updated under a lock.
     """
 
+    #: The one API key the API accepts as a bearer token, as eDRV accepts its API keys.
+    api_key = "test-api-key"
+
     token_requests: int
     tokens_issued: int
     api_requests: int
@@ -481,6 +486,10 @@ class FakeEdrv:
             env["EDRV_AUTH_CACHE_DIR"] = str(cache_dir)
         return env
 
+    def api_key_environment(self) -> dict[str, str]:
+        """The EDRV_* variables that point edrv_auth at this fake in API-key mode."""
+        return {"EDRV_API_KEY": self.api_key, "EDRV_API_URL": self.url}
+
     def reset_counters(self) -> None:
         """Zero the counters and recorded requests (queued responses and tokens are kept)."""
         with self._lock:
@@ -522,6 +531,8 @@ class FakeEdrv:
             return list(self._issued)
 
     def _token_is_valid(self, token: str | None) -> bool:
+        if token is not None and token == self.api_key:  # API-key mode: the key is the token
+            return True
         with self._lock:
             expiry = self._tokens.get(token) if token is not None else None
         return expiry is not None and time.monotonic() < expiry
@@ -557,16 +568,34 @@ class FakeEdrv:
             self._api_queue.append(_make_canned(status, body, headers, 0.0))
 
 
+def _exports(env: dict[str, str]) -> str:
+    return "  export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+
+
+def _instructions(fake: FakeEdrv) -> str:
+    """What `python tests/fake_edrv.py` prints: where it runs, the variables to export, the stop."""
+    credentials = fake.environment()
+    urls = {name: credentials.pop(name) for name in ("EDRV_TOKEN_URL", "EDRV_API_URL")}
+    return "\n".join(
+        [
+            f"fake eDRV on {fake.url} (Ctrl-C stops it)",
+            "for client credentials, in another shell:",
+            _exports(credentials),
+            _exports(urls),
+            f"or for an API key (this fake accepts {fake.api_key}):",
+            "  unset EDRV_CLIENT_ID EDRV_CLIENT_SECRET EDRV_TOKEN_URL",
+            _exports(fake.api_key_environment()),
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the fake eDRV server in the foreground.")
     parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
     parser.add_argument("--expires-in", type=float, default=86400, help="token lifetime, seconds")
     args = parser.parse_args(argv)
     fake = FakeEdrv(port=args.port, expires_in=args.expires_in).start()
-    print(
-        f"fake eDRV on {fake.url} (client_id={fake.client_id} client_secret={fake.client_secret})",
-        flush=True,
-    )
+    print(_instructions(fake), flush=True)
     try:
         while True:
             time.sleep(3600)

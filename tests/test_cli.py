@@ -85,6 +85,7 @@ def test_api_key_mode(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFix
         ("endpoint-down", 1, "could not reach the token endpoint"),
         ("proxy-html", 1, "a proxy or gateway"),
         ("insecure-url", 2, "must use https"),
+        ("wrong-token-path", 1, "HTTP 404 (no token endpoint at that URL: check EDRV_TOKEN_URL"),
     ],
 )
 def test_expected_failures_are_one_line_without_traceback(
@@ -105,6 +106,8 @@ def test_expected_failures_are_one_line_without_traceback(
         fake.queue_token_response(200, f"<html>proxy login {CLIENT_SECRET}</html>")
     elif setup == "insecure-url":
         env["EDRV_TOKEN_URL"] = "http://auth.example/oauth/token"
+    elif setup == "wrong-token-path":
+        env["EDRV_TOKEN_URL"] = fake.url + "/oauth/tokens"  # the fake answers 404 there
     result = run_cli("token", env=env)
     assert result.returncode == code
     assert result.stdout == ""
@@ -114,6 +117,34 @@ def test_expected_failures_are_one_line_without_traceback(
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
     assert leak_watch.leaks(result.stderr, "test-wrong-secret") == []
+
+
+def test_a_misspelled_variable_is_one_warning_line_on_stderr(
+    fake_env: FakeEdrv, leak_watch: LeakWatch
+) -> None:
+    """The command line names a misspelled EDRV_* variable once on stderr, as `edrv_auth: ...`,
+    without its value, and still works."""
+    value = "test-misspelled-value-canary"
+    leak_watch.secrets.add(value)
+    env = dict(os.environ, EDRV_AUDIENCES=value)
+    result = run_cli("token", env=env)
+    assert result.returncode == 0
+    assert result.stdout.strip() in fake_env.issued_tokens
+    assert result.stderr == (
+        "edrv_auth: EDRV_AUDIENCES is not a variable edrv_auth reads; did you mean EDRV_AUDIENCE?\n"
+    )
+    assert leak_watch.leaks(result.stdout, result.stderr) == []
+
+
+def test_token_help_shows_the_safe_shell_form() -> None:
+    """`token --help` shows the README's `token=$(...) && curl` form, not the inline `$(...)`
+    that sends an empty header when no token could be had."""
+    result = run_cli("token", "--help")
+    assert result.returncode == 0
+    assert 'token=$(python -m edrv_auth token) && curl -H "Authorization: Bearer $token"' in (
+        result.stdout
+    )
+    assert "Bearer $(" not in result.stdout
 
 
 def test_help_for_each_command() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,18 @@ def test_public_names() -> None:
     assert issubclass(TokenRequestError, EdrvAuthError)
     assert issubclass(EdrvAuthError, Exception)
     assert isinstance(edrv_auth.__version__, str)
+
+
+def test_help_speaks_to_users() -> None:
+    """help(edrv_auth) shows the module docstring: usage, not the maintainers' map of the file's
+    sections (no line of it lists two of the section banners)."""
+    source = Path(edrv_auth.__file__).read_text(encoding="utf-8")
+    sections = re.findall(r"^# ---- (.+?)[:(-]", source, flags=re.MULTILINE)
+    assert len(sections) >= 8
+    doc = edrv_auth.__doc__ or ""
+    assert "EdrvAuth()" in doc
+    for line in doc.splitlines():
+        assert sum(section.strip() in line for section in sections) < 2, line
 
 
 def test_is_an_auth_for_both_libraries() -> None:
@@ -146,6 +161,16 @@ def test_cache_dir_argument_then_environment_then_user_cache(
             "not both",
         ),
         ({}, {"EDRV_API_KEY": API_KEY, "EDRV_CLIENT_ID": CLIENT_ID}, "not both"),
+        (
+            {},
+            {"EDRV_CLIENTID": CLIENT_ID, "EDRV_CLIENT_SECRET": CLIENT_SECRET},
+            "EDRV_CLIENT_ID is missing (EDRV_CLIENTID is set: did you mean EDRV_CLIENT_ID?)",
+        ),
+        (
+            {},
+            {"EDRV_APIKEY": API_KEY},
+            "or pass them to EdrvAuth() (EDRV_APIKEY is set: did you mean EDRV_API_KEY?)",
+        ),
     ],
 )
 def test_missing_or_conflicting_credentials_are_named(
@@ -162,6 +187,89 @@ def test_missing_or_conflicting_credentials_are_named(
         EdrvAuth(**kwargs)
     assert expected in str(caught.value)
     assert leak_watch.leaks(str(caught.value), repr(caught.value)) == []
+
+
+def test_an_api_key_passed_as_the_only_argument_is_named(leak_watch: LeakWatch) -> None:
+    """`EdrvAuth(key)` says that an API key goes in api_key=, without echoing it."""
+    with pytest.raises(EdrvAuthError) as caught:
+        EdrvAuth(API_KEY)
+    assert str(caught.value) == (
+        "incomplete eDRV credentials: EDRV_CLIENT_SECRET is missing; if the one argument you "
+        "passed is an API key, pass it as api_key=..."
+    )
+    assert leak_watch.leaks(str(caught.value), repr(caught.value)) == []
+
+
+def test_a_client_id_with_its_secret_in_the_environment_is_no_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-argument form is right when the secret comes from EDRV_CLIENT_SECRET."""
+    monkeypatch.setenv("EDRV_CLIENT_SECRET", CLIENT_SECRET)
+    assert EdrvAuth(CLIENT_ID)._describe().client_id == CLIENT_ID
+
+
+@pytest.fixture
+def warnings_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Callable[[], list[str]]:
+    """The edrv_auth warnings logged so far, in a process that has reported no variable yet."""
+    monkeypatch.setattr(edrv_auth, "_reported_strays", set())
+    return lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("EDRV_TOKEN_URI", "EDRV_TOKEN_URL"),
+        ("EDRV_CLIENT_SECRETS", "EDRV_CLIENT_SECRET"),
+        ("EDRV_CACHE_DIR", "EDRV_AUTH_CACHE_DIR"),
+        ("EDRV_REDIS_URL", "EDRV_AUTH_REDIS_URL"),
+        ("edrv_api_url", "EDRV_API_URL"),
+    ],
+)
+def test_a_misspelled_variable_is_reported_once_with_the_name_meant(
+    monkeypatch: pytest.MonkeyPatch,
+    warnings_logged: Callable[[], list[str]],
+    leak_watch: LeakWatch,
+    name: str,
+    meant: str,
+) -> None:
+    """An EDRV_* variable edrv_auth does not read is named in one warning per process, with
+    the closest real name, and never its value (it may be a secret)."""
+    value = "test-misspelled-value-canary"
+    leak_watch.secrets.add(value)
+    monkeypatch.setenv(name, value)
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    EdrvAuth(api_key=API_KEY)
+    assert warnings_logged() == [f"{name} is not a variable edrv_auth reads; did you mean {meant}?"]
+
+
+def test_an_unknown_variable_is_reported_without_a_far_fetched_guess(
+    monkeypatch: pytest.MonkeyPatch, warnings_logged: Callable[[], list[str]]
+) -> None:
+    """A name close to none of ours gets the list of those edrv_auth reads, not a guess."""
+    monkeypatch.setenv("EDRV_WEBHOOK_SECRET", "test-webhook-secret")
+    EdrvAuth(CLIENT_ID, CLIENT_SECRET)
+    (warning,) = warnings_logged()
+    assert warning.startswith("EDRV_WEBHOOK_SECRET is not a variable edrv_auth reads (it reads ")
+    assert "did you mean" not in warning
+    assert set(re.findall(r"EDRV_\w+", warning)) == {
+        "EDRV_WEBHOOK_SECRET",
+        *edrv_auth._OUR_VARIABLES,
+    }
+
+
+def test_our_own_variables_raise_no_warning(
+    monkeypatch: pytest.MonkeyPatch, warnings_logged: Callable[[], list[str]], fake: FakeEdrv
+) -> None:
+    """Every variable edrv_auth reads, all set at once, is silently used."""
+    for name, value in fake.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EDRV_AUDIENCE", "https://api.edrv.io")
+    monkeypatch.setenv("EDRV_AUTH_REDIS_URL", "")  # empty: unset, but a name we read
+    monkeypatch.setenv("EDRV_API_KEY", "")
+    assert EdrvAuth().get_token() in fake.issued_tokens
+    assert warnings_logged() == []
 
 
 @pytest.mark.parametrize(
@@ -210,11 +318,14 @@ def test_bad_numbers_are_refused(kwargs: dict[str, object], match: str) -> None:
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, **kwargs)  # type: ignore[arg-type]
 
 
-def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch) -> None:
-    """repr()/str() show the client id and API URL, never the secret or the key."""
+def test_repr_shows_configuration_but_no_secret(leak_watch: LeakWatch, clean_env: Path) -> None:
+    """repr()/str() show the client id, API URL and cache folder, never the secret or the key."""
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert CLIENT_ID in repr(auth)
-    assert "https://api.edrv.io" in str(auth)
+    assert repr(auth) == (
+        f"EdrvAuth(client_id={CLIENT_ID!r}, api_url='https://api.edrv.io', "
+        f"cache={str(clean_env)!r})"
+    )
+    assert str(auth) == repr(auth)
     keyed = EdrvAuth(api_key=API_KEY)
     assert "api_key='***'" in repr(keyed)
     assert leak_watch.leaks(repr(auth), str(auth), repr(keyed), str(keyed)) == []
@@ -275,20 +386,21 @@ def test_redis_url_without_the_redis_package_says_how_to_install_it(
 ) -> None:
     """redis is an optional extra: without it, construction names the extra to install."""
     monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
-    with pytest.raises(EdrvAuthError, match=r"pip install 'edrv-auth\[redis\]'"):
+    with pytest.raises(EdrvAuthError, match=r"redis package: pip install redis$"):
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, redis_url="redis://127.0.0.1:6379/0")
 
 
 def test_redis_url_from_environment_and_its_password_stays_hidden(
-    monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch
+    monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch, clean_env: Path
 ) -> None:
-    """EDRV_AUTH_REDIS_URL is used; the repr shows host, port and db, never the password."""
+    """EDRV_AUTH_REDIS_URL is used; the repr shows host, port and db (then the file cache it
+    falls back to), never the password."""
     pytest.importorskip("redis", reason="the redis extra is not installed")
     password = "test-redis-password-canary"
     leak_watch.secrets.add(password)
     monkeypatch.setenv("EDRV_AUTH_REDIS_URL", f"redis://user:{password}@127.0.0.1:6390/2")
     auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET)
-    assert "redis://127.0.0.1:6390/2" in repr(auth)
+    assert repr(auth).endswith(f"cache='redis://127.0.0.1:6390/2, then {clean_env}')")
     assert leak_watch.leaks(repr(auth), repr(auth._describe().stores)) == []
 
 
@@ -307,9 +419,14 @@ def test_api_key_mode_ignores_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_timeout_longer_than_the_lock_wait_is_refused() -> None:
-    """A token request must end before other processes stop waiting for the lock."""
-    with pytest.raises(EdrvAuthError, match="timeout"):
+    """A token request must end before other processes stop waiting for the lock: the
+    message says the bounds in words, and why."""
+    with pytest.raises(EdrvAuthError) as caught:
         EdrvAuth(CLIENT_ID, "test-secret", timeout=60)
+    assert str(caught.value) == (
+        "timeout must be more than 0 and at most 25 seconds, so that a token request ends "
+        "before other processes stop waiting for the token cache lock (after 30 s)"
+    )
 
 
 def test_explicit_default_url_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,7 +97,7 @@ def test_a_wrong_secret_has_its_own_cap_and_never_locks_the_right_one_out(
     with pytest.raises(TokenRequestError) as info:
         wrong.get_token()
     message = str(info.value)
-    assert "the cap counts per client id and secret" in message
+    assert "the cap counts per credential set (client id and secret)" in message
     assert "clearing the cache does not lift it" in message
     assert message.endswith("the next request is allowed in 45 s")
     assert fake.token_requests == 5

@@ -33,9 +33,14 @@ def build(hook: str, source: Path, out: Path) -> Path:
     return out / result.stdout.strip().splitlines()[-1]
 
 
-def test_wheel_holds_exactly_the_typed_package(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built once for the tests that read it."""
+    return build("build_wheel", ROOT, tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_holds_exactly_the_typed_package(wheel: Path) -> None:
     """The wheel installs edrv_auth/__init__.py (the module), __main__.py and py.typed, no more."""
-    wheel = build("build_wheel", ROOT, tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         module = archive.read("edrv_auth/__init__.py")
@@ -53,6 +58,18 @@ def test_wheel_holds_exactly_the_typed_package(tmp_path: Path) -> None:
         "licenses/LICENSE",
     }
     assert module == (ROOT / "edrv_auth.py").read_bytes()
+
+
+def test_wheel_metadata_links_somewhere_real(wheel: Path) -> None:
+    """`pip show` and the index list a project URL, and only real ones: the service it is for,
+    no placeholder for a repository that has no public home."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = archive.read(name).decode()
+    urls = [
+        line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Project-URL:")
+    ]
+    assert urls == ["eDRV, https://edrv.io"]
 
 
 def test_sdist_holds_the_sources_tests_and_docs(tmp_path: Path) -> None:

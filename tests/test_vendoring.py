@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
+import venv
 from pathlib import Path
 
 import pytest
@@ -104,7 +106,46 @@ def test_vendored_without_filelock_says_what_to_install(
     assert key == "test-key"  # API-key mode needs no cache, hence no filelock
     assert result.returncode == 2
     assert result.stderr.startswith("edrv_auth: ")
+    assert not result.stderr.startswith("edrv_auth: edrv_auth")  # one prefix, not two
     assert "pip install filelock" in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert fake_env.token_requests == 0  # refused before anything was sent
     assert leak_watch.leaks(result.stdout, result.stderr) == []
+
+
+@pytest.mark.posix_only  # symbolic links
+def test_vendored_file_type_checks_with_only_its_dependencies(
+    vendored: Path, tmp_path: Path
+) -> None:
+    """`mypy --strict` passes on the copied file where only its hard dependencies are
+    installed (requests, httpx, filelock): neither redis, an optional extra, nor
+    types-requests, where requests ships its own annotations."""
+    pytest.importorskip("mypy", reason="mypy is in the dev extra; nox's typing session runs it")
+    import requests
+
+    # An interpreter that sees our packages but those: a bare venv whose site-packages
+    # links to each of ours, those and edrv_auth itself left out.
+    leave_out = ("redis", "edrv_auth", "_edrv_auth")
+    if (Path(requests.__file__).parent / "py.typed").exists():  # else stubs are needed
+        leave_out += ("requests-stubs", "types_requests")
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(tmp_path / "env")
+    python = tmp_path / "env" / "bin" / "python"
+    where = [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+    target = Path(subprocess.run(where, capture_output=True, text=True, check=True).stdout.strip())
+    for folder in {Path(p).resolve() for p in site.getsitepackages()}:
+        for entry in folder.iterdir():
+            link = target / entry.name
+            if not entry.name.startswith(leave_out) and not link.exists():
+                link.symlink_to(entry)
+    probe = subprocess.run(
+        [python, "-c", "import requests, httpx, filelock; import redis"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.stderr.endswith("No module named 'redis'\n"), probe.stderr  # only redis missing
+
+    mypy = ["-m", "mypy", "--strict", "--no-incremental", "--python-executable", str(python)]
+    result = run_python(*mypy, "edrv_auth.py", cwd=vendored, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("Success: no issues found in 1 source file")
