@@ -28,6 +28,7 @@ of requests and httpx is installed (it needs ``filelock``).
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import functools
@@ -145,6 +146,10 @@ _CREDENTIAL_ERRORS: Final = frozenset(
 #: long a dead holder's lock lasts (longer than a token request may take).
 #: How often a waiter looks again while waiting for a lock.
 _LOCK_POLL: Final = 0.05
+#: Rounds of PBKDF2 that name a credential set's cache entry (see `_credential_digest`).
+_NAME_ROUNDS: Final = 10_000
+#: A background renewal waits for the locks at least this long, whatever its timeout.
+_RENEWAL_LOCK_WAIT: Final = 5.0
 _REDIS_TIMEOUT: Final = 2.0
 _REDIS_RETRY_AFTER: Final = 30.0
 _REDIS_LOCK_TTL = _FETCH_DEADLINE + 2.0
@@ -477,11 +482,11 @@ class _CacheRecord(NamedTuple):
         renew_after: float | None = None,
         failure: _SharedFailure | None = None,
     ) -> _CacheRecord:
-        """The record after a token request whose attempts reached eDRV at ``sent``.
+        """The record at ``now``, after a token request whose attempts reached eDRV at ``sent``.
 
-        A token the API rejected is dropped even if no new one came;
-        ``renew_after`` is kept only with the token that a renewal failed to
-        replace, and ``failure`` only when no token is left.
+        A token the API rejected, or one that has expired, is dropped even if
+        no new one came; ``renew_after`` is kept only with the token that a
+        renewal failed to replace, and ``failure`` only when no token is left.
         """
         window = now - _TOKEN_REQUEST_WINDOW
         requests = [t for t in self.requests if t > window]
@@ -489,7 +494,8 @@ class _CacheRecord(NamedTuple):
         if token is not None and rejected is None and self.token is not None and counted:
             renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
         requests.extend(counted)
-        kept = self.token if self.token and self.token.access_token != rejected else None
+        old = self.token
+        kept = old if old and old.access_token != rejected and now < old.expires_at else None
         renew_after = renew_after if token is None and kept is not None else None
         return _CacheRecord(
             token or kept,
@@ -1425,16 +1431,27 @@ class _UnsafeFolder(OSError):
         super().__init__(0, reason)
 
 
+#: Cache names already derived in this process, by a quick HMAC of the same parts.
+_credential_names: dict[str, str] = {}
+
+
 def _credential_digest(token_url: str, audience: str, client_id: str, secret: _Secret) -> str:
     """The name of one credential set's cache entry: token URL, audience, client id, secret.
 
-    An HMAC keyed by the secret: a wrong or rotated secret has its own entry
-    (and its own rate cap) and never receives the token cached for another,
-    while the name reveals none of its parts and cannot be turned back into
-    the secret.
+    A wrong or rotated secret has its own entry (and its own rate cap) and
+    never receives the token cached for another. The name shows in file
+    names, Redis keys and messages, so it is derived slowly (PBKDF2, keyed by
+    the secret): someone who sees it cannot test guesses at the secret
+    quickly, as a plain hash would let them. That costs about 2 ms, once per
+    process and credential set.
     """
     message = f"{token_url}\n{audience}\n{client_id}".encode()
-    return hmac.new(secret.value.encode(), message, hashlib.sha256).hexdigest()[:32]
+    quick = hmac.new(secret.value.encode(), message, hashlib.sha256).hexdigest()
+    name = _credential_names.get(quick)
+    if name is None:
+        slow = hashlib.pbkdf2_hmac("sha256", secret.value.encode(), message, _NAME_ROUNDS)
+        name = _credential_names[quick] = slow.hex()[:32]
+    return name
 
 
 def _untrusted(info: os.stat_result) -> str | None:
@@ -1505,11 +1522,12 @@ class _FileCache:
             # filelock refuses a lock object inherited across fork(): one per process.
             self._lock, self._lock_pid = self.make_lock(), os.getpid()
         self.ensure_dir()
+        waits = max(deadline - _clock.monotonic(), 0)
         try:
-            self._lock.acquire(timeout=max(deadline - _clock.monotonic(), 0))
+            self._lock.acquire(timeout=waits)
         except filelock.Timeout as exc:  # a TimeoutError, hence an OSError: convert first
             raise EdrvAuthError(
-                f"timed out after {_LOCK_TIMEOUT:.0f} s waiting for the token cache lock "
+                f"timed out after {waits:.0f} s waiting for the token cache lock "
                 f"{self.lock_path} (another process holds it)"
             ) from exc
         try:
@@ -1853,31 +1871,87 @@ class _ProcessState:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        #: Held while a background renewal runs: one at a time.
-        self.renewing = threading.Lock()
-        self.renewal: threading.Thread | None = None  # the latest one started
         self.fetches: dict[tuple[int, _Secret | None], _InFlightFetch] = {}
+        #: The last failed token request this process made (its waiting threads get it).
+        self.last_failure: _SharedFailure | None = None
         self.record = _CacheRecord()  # the last record seen; all there is without a cache
         self.warned: set[str] = set()  # caches already reported unusable
         self.renewal_failing = False  # a failed renewal was logged at WARNING
 
 
-#: Background renewals that this process started and that are still running,
-#: each with the monotonic time by which it ends.
-_renewals: dict[threading.Thread, float] = {}
+class _Renewal:
+    """One background renewal: when its lock waits and the whole of it must end."""
+
+    __slots__ = ("done", "ends_by", "locks_by")
+
+    def __init__(self, lock_wait: float, timeout: float) -> None:
+        now = _clock.monotonic()
+        self.locks_by = now + lock_wait
+        self.ends_by = self.locks_by + timeout
+        self.done = threading.Event()
 
 
-@atexit.register
-def _finish_renewals() -> None:
-    """At exit, let each background renewal end, within its deadline.
+class _Renewals:
+    """This process's background renewals: one per shared cache at a time, waited for at exit.
 
-    A short-lived process (the command line, a cron script) would otherwise
-    lose a renewal it started when its daemon thread is killed, and the next
-    run, finding the token still due, would request another. Threads inherited
-    across fork() are not running in the child: joining them returns at once.
+    Keyed by the cache file, so that every `EdrvAuth` of one credential set
+    (an application may make one per request) shares one renewal. Threads are
+    started with `_thread`, which does not wait for the new thread to run: an
+    event loop starting one is not held up. A forked child starts empty.
     """
-    for thread, ends_by in list(_renewals.items()):
-        thread.join(max(ends_by - _clock.monotonic(), 0.0))
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start empty: in a forked child, none of the parent's threads run."""
+        self.lock = threading.Lock()  # held for a dictionary lookup at most
+        self.latest: dict[str, _Renewal] = {}
+        self.exiting = False
+
+    def start(self, key: str, renew: Callable[[_Renewal], None], renewal: _Renewal) -> bool:
+        """Run ``renew(renewal)`` in a daemon thread unless a renewal for ``key`` runs already.
+
+        Returns whether one is under way: ``False`` when the process is exiting
+        (its exit handlers run; a thread would be killed, or cannot start), so
+        that the caller renews the token itself.
+        """
+        if not self.lock.acquire(blocking=False):
+            return True  # another thread is starting one, or looking
+        try:
+            running = self.latest.get(key)
+            if running is not None and not running.done.is_set():
+                return True
+            if self.exiting:
+                return False
+            try:
+                _thread.start_new_thread(renew, (renewal,))
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self.latest[key] = renewal
+            return True
+        finally:
+            self.lock.release()
+
+    def finish(self) -> None:
+        """At exit, let each renewal end, within its deadline.
+
+        A short-lived process (the command line, a cron script) would otherwise
+        lose a renewal it started when the interpreter kills its thread, and
+        the next run, finding the token still due, would request another. A
+        renewal wanted after this ran is made by its caller instead.
+        """
+        with self.lock:
+            self.exiting = True
+            running = list(self.latest.values())
+        for renewal in running:
+            renewal.done.wait(max(renewal.ends_by - _clock.monotonic(), 0.0))
+
+
+_renewals = _Renewals()
+atexit.register(_renewals.finish)
+if hasattr(os, "register_at_fork"):  # fork() exists on POSIX only
+    os.register_at_fork(after_in_child=_renewals.reset)
 
 
 def _async_backend() -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any]]:
@@ -1970,9 +2044,7 @@ class _TokenSource:
         `_obtain` blocks for.
         """
         published = self.published
-        servable = self._servable(published, rejected) or self._serve_while_renewing(
-            published, rejected
-        )
+        servable = self._servable(published, rejected) or self._while_renewing(published, rejected)
         return servable or self._obtain(rejected)
 
     async def atoken(self, rejected: _Secret | None) -> _Published:
@@ -1985,9 +2057,7 @@ class _TokenSource:
         attribute, and at most starts a background renewal.
         """
         published = self.published
-        servable = self._servable(published, rejected) or self._serve_while_renewing(
-            published, rejected
-        )
+        servable = self._servable(published, rejected) or self._while_renewing(published, rejected)
         if servable is not None:
             return servable
         run_sync, make_event, make_lock = _async_backend()
@@ -2049,45 +2119,54 @@ class _TokenSource:
 
     # -- the blocking path -------------------------------------------------
 
-    def _obtain(self, rejected: _Secret | None, renewing: bool = False) -> _Published:
+    def _obtain(self, rejected: _Secret | None, renewal: _Renewal | None = None) -> _Published:
         """Block for a token other than ``rejected``: from the shared cache, else eDRV.
 
         A token request is made only under the cross-process lock and only
         while the shared rate cap allows it. ``rejected`` is replaced only if
         the cache still holds it (compare-and-swap): a token that another
         thread or process already put in its place is returned instead. A
-        caller that waited for the lock while another's token request failed
-        gets that failure, without a request of its own. ``renewing``: called
-        by the background renewal, whose lock waits end in time for its one
-        attempt before `_FETCH_DEADLINE`.
+        caller that waited for a lock while the token request of the thread or
+        process holding it failed gets that failure, without a request of its
+        own. ``renewal``: this is a background renewal, whose lock waits end in
+        time for its one attempt.
         """
         process = self.process_state()
-        arrived = _clock.time()
-        waits = _FETCH_DEADLINE - self.endpoint.timeout if renewing else _LOCK_TIMEOUT
-        deadline = _clock.monotonic() + waits
+        # Failures seen now, to tell those that happen while this call waits:
+        # compared by identity, not by clocks, which may differ between machines.
+        failed_here = process.last_failure
+        deadline = renewal.locks_by if renewal else _clock.monotonic() + _LOCK_TIMEOUT
 
         def meanwhile() -> _Published | None:
             published = self.published
             return self._servable(published, rejected) or (
-                None if renewing else self._serve_while_renewing(published, rejected)
+                None if renewal else self._while_renewing(published, rejected)
             )
 
         with self._thread_lock(process, deadline, meanwhile) as servable:
             servable = servable or self._servable(self.published, rejected)
             if servable is not None:
                 return servable
+            if process.last_failure is not failed_here and process.last_failure is not None:
+                _log.debug("the token request made while this one waited failed")
+                raise process.last_failure.to_raise()
             # Every write replaces the record whole, so a read without the lock
             # is safe: a new process with a warm cache never touches the lock.
-            record = self.read_shared(process)[1] or process.record
+            shared = self.read_shared(process)[1]
+            record = shared or process.record
             servable = self._publish_fresh(record, rejected)
-            if servable is None and not renewing:
-                servable = self._serve_while_renewing(self._as_published(record), rejected)
+            if servable is None and renewal is None and rejected is None:
+                due = self._as_published(record)
+                if due is not None and self._outlives_a_renewal(due.token):
+                    self.published = due  # first: a renewal that fails falls back on it
+                    servable = self._while_renewing(due, rejected)
             if servable is not None:
                 _log.debug(
                     "using the token in the shared cache (%.0f s left)",
                     servable.token.expires_at - _clock.time(),
                 )
                 return servable
+            failed_elsewhere = shared.failure if shared else None
             with self._lock_first_usable_store(process, deadline) as store:
                 # What the locked store itself holds is what a write may replace:
                 # an empty Redis is filled, whatever token the file mirrors.
@@ -2096,9 +2175,9 @@ class _TokenSource:
                 servable = self._publish_fresh(record, rejected)
                 if servable is not None:
                     return servable
-                if record.failure is not None and record.failure.at > arrived:
-                    _log.debug("the token request made while this one waited failed")
-                    raise record.failure.to_raise()
+                if own is not None and own.failure not in (None, failed_elsewhere):
+                    _log.debug("the token request another process made meanwhile failed")
+                    raise own.failure.to_raise()
                 replacing = own.token if own else None
                 return self._request_within_cap(process, record, rejected, store, replacing)
 
@@ -2126,15 +2205,16 @@ class _TokenSource:
         )
         attempts = min(_MAX_TOKEN_REQUESTS - len(counted), 1 if held else _MAX_ATTEMPTS)
         result, sent = self.endpoint.request(attempts)
+        ended = _clock.time()
         kept = failure = None
         if isinstance(result, TokenRequestError):
-            if held is not None:
+            if held is not None and ended < held.expires_at:
                 kept = self._keep_after_failed_renewal(process, held, result)
             else:
-                failure = _SharedFailure.of(result, _clock.time())
+                failure = process.last_failure = _SharedFailure.of(result, ended)
         token = result if isinstance(result, _Token) else None
         renew_after = kept.serve_until if kept else None
-        process.record = record.after_request(token, rejected, sent, now, renew_after, failure)
+        process.record = record.after_request(token, rejected, sent, ended, renew_after, failure)
         if store is not None:
             self._save(process, store, process.record, replacing)
         if isinstance(result, TokenRequestError):
@@ -2203,62 +2283,54 @@ class _TokenSource:
 
     # -- the background renewal ----------------------------------------------
 
-    def _serve_while_renewing(
-        self, candidate: _Published | None, rejected: _Secret | None
-    ) -> _Published | None:
-        """``candidate``, published, if it outlives a renewal, which then runs in the background.
+    def _outlives_a_renewal(self, token: _Token) -> bool:
+        """Whether ``token`` stays valid for longer than one token request may take."""
+        return _clock.time() < token.expires_at - self.endpoint.timeout
 
-        "Outlive": it stays valid for longer than one token request may take
-        (``timeout``), so nobody needs to wait for its replacement.
+    def _while_renewing(
+        self, published: _Published | None, rejected: _Secret | None
+    ) -> _Published | None:
+        """``published`` if it outlives a renewal, which is then under way in the background.
+
+        Never assigns ``published``: the caller read it, and it may have been
+        replaced (by a renewal) or cleared since.
         """
         if (
-            candidate is None
+            published is None
             or rejected is not None
-            or _clock.time() >= candidate.token.expires_at - self.endpoint.timeout
+            or not self._outlives_a_renewal(published.token)
             or not self._renew_in_background()
         ):
             return None
-        self.published = candidate
-        return candidate
+        return published
 
     def _renew_in_background(self) -> bool:
-        """Start renewing the token in a daemon thread, unless one already is.
+        """Make sure a renewal of this cache's token runs in the background.
 
-        Returns whether a renewal is under way: ``False`` only when no thread
-        can be started (in an exit handler, say); the caller then blocks for it.
+        Its lock waits end in time for its one attempt (``timeout``) to end
+        within `_FETCH_DEADLINE`, though never sooner than `_RENEWAL_LOCK_WAIT`.
+        Returns ``False`` when none can run (the process is exiting): the
+        caller then blocks for it.
         """
-        process = self.process_state()
-        if not process.renewing.acquire(blocking=False):
-            return True  # one is running
-        thread = threading.Thread(
-            target=self._renew, args=(process,), name="edrv_auth-renewal", daemon=True
-        )
-        _renewals[thread] = _clock.monotonic() + _FETCH_DEADLINE
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            del _renewals[thread]
-            process.renewing.release()
-            return False
-        process.renewal = thread
-        return True
+        lock_wait = max(_FETCH_DEADLINE - self.endpoint.timeout, _RENEWAL_LOCK_WAIT)
+        renewal = _Renewal(lock_wait, self.endpoint.timeout)
+        return _renewals.start(str(self.file_cache.path), self._renew, renewal)
 
-    def _renew(self, process: _ProcessState) -> None:
+    def _renew(self, renewal: _Renewal) -> None:
         """The background renewal thread: the blocking path, with nobody waiting for it.
 
         Whatever goes wrong, the current token is kept until it expires and
         renewal is tried again later, as after a failed token request.
         """
         try:
-            self._obtain(None, renewing=True)
+            self._obtain(None, renewal)
         except Exception as exc:  # noqa: BLE001 - nobody to raise it to
             published = self.published
             now = _clock.time()
             if published is not None and published.serve_until <= now < published.token.expires_at:
-                self._keep_after_failed_renewal(process, published.token, exc)
+                self._keep_after_failed_renewal(self.process_state(), published.token, exc)
         finally:
-            _renewals.pop(threading.current_thread(), None)
-            process.renewing.release()
+            renewal.done.set()
 
     # -- decisions ---------------------------------------------------------
 
@@ -2411,8 +2483,8 @@ class _SourceView:
         self.remembered = process.record
         #: This process's lock around token decisions (tests hold it across a fork).
         self.thread_lock = process.lock
-        #: The latest background renewal this process started, running or not.
-        self.renewal = process.renewal
+        #: The latest background renewal of this cache in this process, running or not.
+        self.renewal = _renewals.latest.get(str(source.file_cache.path))
 
     def shared(self) -> tuple[str, _CacheRecord | None]:
         """Where the shared record comes from, and the record (``None``: nothing cached)."""

@@ -189,8 +189,7 @@ def finish_renewal(auth: edrv_auth.EdrvAuth) -> None:
     """Wait for the background renewal ``auth`` started last, if any (it ends within 25 s)."""
     renewal = auth._describe().renewal
     if renewal is not None:
-        renewal.join(timeout=30)
-        assert not renewal.is_alive()
+        assert renewal.done.wait(timeout=30)
 
 
 T = TypeVar("T")

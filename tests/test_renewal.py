@@ -178,16 +178,21 @@ def test_command_line_finishes_the_renewal_it_started_before_exiting(
     assert fake_env.token_requests == 1
 
 
+@pytest.mark.parametrize("registered", ["after-the-import", "before-the-import"])
 def test_a_token_needed_in_an_exit_handler_is_renewed(
-    fake_env: FakeEdrv, make_auth: MakeAuth
+    fake_env: FakeEdrv, make_auth: MakeAuth, registered: str
 ) -> None:
-    """An exit handler that finds the token due gets it and a saved renewal, whether or not
-    this Python can still start a thread then (3.12 cannot)."""
+    """An exit handler that finds the token due gets it and a saved renewal: whether it runs
+    before edrv_auth's own exit handler or after it, and whether or not this Python can still
+    start a thread then (3.12 cannot)."""
     old = plant_due_token(make_auth(), fake_env)
+    handler = "atexit.register(lambda: print(len(auth.get_token())))\n"
     code = (
-        "import atexit, edrv_auth\n"
-        "auth = edrv_auth.EdrvAuth()\n"
-        "atexit.register(lambda: print(len(auth.get_token())))\n"
+        "import atexit\n"
+        + (handler if registered == "before-the-import" else "")
+        + "import edrv_auth\n"
+        + "auth = edrv_auth.EdrvAuth()\n"
+        + (handler if registered == "after-the-import" else "")
     )
     result = run_python("-c", code, cwd=ROOT)
     assert (result.returncode, result.stdout, result.stderr) == (0, f"{len(old)}\n", "")
@@ -223,9 +228,11 @@ def test_a_renewal_in_flight_at_fork_is_not_inherited(fake: FakeEdrv, make_auth:
     finish_renewal(auth)
 
 
-def test_renewal_in_flight_is_not_pickled(fake: FakeEdrv, make_auth: MakeAuth) -> None:
-    """An instance pickled while it renews in the background unpickles with nothing in
-    flight, and gets the token from the cache."""
+def test_an_instance_pickled_during_a_renewal_gets_the_token_from_the_cache(
+    fake: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """An instance pickled while it renews in the background carries neither the renewal nor
+    a token: unpickled, it shares the renewal of its credentials, then the new token."""
     import pickle
 
     auth = make_auth()
@@ -233,11 +240,49 @@ def test_renewal_in_flight_is_not_pickled(fake: FakeEdrv, make_auth: MakeAuth) -
     fake.token_delay = 1.0
     auth.get_token()
     copy = pickle.loads(pickle.dumps(auth))
-    assert copy._describe().renewal is None
     assert copy._describe().published is None
+    assert copy.get_token() == old  # due, and renewed in the background already
+    assert copy._describe().renewal is auth._describe().renewal
     finish_renewal(auth)
+    copy.get_token()  # it may send the due token once more, while it reads the new one
+    finish_renewal(copy)
     assert copy.get_token() == auth.get_token() != old
     assert fake.token_requests == 1
+
+
+def test_many_instances_of_one_credential_set_share_one_renewal(
+    fake: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """An application that builds an EdrvAuth per request, during a slow renewal: one
+    background renewal for all of them, and one token request."""
+    first = make_auth()
+    old = plant_due_token(first, fake)
+    fake.token_delay = 1.0
+    auths = [make_auth() for _ in range(50)]
+    began = time.monotonic()
+    assert {auth.get_token() for auth in auths} == {old}
+    assert time.monotonic() - began < 0.5
+    assert len({id(auth._describe().renewal) for auth in auths}) == 1
+    finish_renewal(auths[0])
+    assert make_auth().get_token() != old
+    assert fake.token_requests == 1
+
+
+def test_a_renewal_with_the_longest_timeout_still_waits_for_the_lock(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """timeout=25 leaves a renewal no time to wait for a lock before 25 s: it still waits a
+    few seconds, here while another thread holds this process's lock for a moment."""
+    auth = make_auth(timeout=25)
+    old = plant_due_token(auth, fake, left=3000)  # fresh for another 2700 s
+    assert auth.get_token() == old
+    clock.advance(2800)  # due, with 200 s left
+    with auth._describe().thread_lock:
+        assert auth.get_token() == old  # sent at once; the renewal waits for the lock
+        time.sleep(0.5)
+    finish_renewal(auth)
+    assert fake.token_requests == 1
+    assert auth.get_token() != old
 
 
 def test_a_token_closer_to_expiry_than_timeout_is_renewed_before_use(
@@ -256,11 +301,15 @@ def test_a_token_closer_to_expiry_than_timeout_is_renewed_before_use(
 # ---- waiters share the outcome ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("cached", ["nothing", "an-expired-token"])
 def test_processes_waiting_for_a_failing_request_share_its_failure(
-    fake_env: FakeEdrv, children: Children, tmp_path: Path
+    fake_env: FakeEdrv, children: Children, tmp_path: Path, make_auth: MakeAuth, cached: str
 ) -> None:
     """Three processes need a token and eDRV is failing: one makes its three attempts, and all
-    three end together with its message; nobody repeats the request or times out on the lock."""
+    three end together with its message; nobody repeats the request or times out on the lock.
+    The same whether the cache was empty or held an expired token."""
+    if cached == "an-expired-token":
+        plant_due_token(make_auth(), fake_env, left=-1)
     for _ in range(3):
         fake_env.queue_token_response(503, {"error": "temporarily_unavailable"}, delay=1.0)
     go = tmp_path / "go"
@@ -276,13 +325,17 @@ def test_processes_waiting_for_a_failing_request_share_its_failure(
     assert max(report["elapsed"] for report in reports) > 3.0  # they did wait for it
 
 
+@pytest.mark.parametrize("cached", ["nothing", "an-expired-token"])
 def test_threads_waiting_for_a_failing_request_share_its_failure(
-    fake: FakeEdrv, make_auth: MakeAuth, no_sleep: list[float]
+    fake: FakeEdrv, make_auth: MakeAuth, no_sleep: list[float], cached: str
 ) -> None:
-    """Threads waiting for another thread's failing token request get its error."""
+    """Threads waiting for another thread's failing token request get its error, whether the
+    cache was empty or held an expired token (the usual state in an outage)."""
     for _ in range(3):
         fake.queue_token_response(503, {"error": "temporarily_unavailable"}, delay=0.3)
     auth = make_auth()
+    if cached == "an-expired-token":
+        plant_due_token(auth, fake, left=-1)
     outcomes = in_threads(6, lambda: _error_of(auth.get_token))
     assert fake.token_requests == 3
     assert len(set(outcomes)) == 1
@@ -304,23 +357,47 @@ def test_a_caller_arriving_after_a_failure_tries_again(
     assert auth._describe().file_cache.read().failure is None  # type: ignore[union-attr]
 
 
-def test_a_shared_failure_carries_its_status_and_error(
-    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+def test_a_failure_recorded_while_a_process_waits_is_raised_as_it_was(
+    fake: FakeEdrv, make_auth: MakeAuth
 ) -> None:
-    """A waiter raises the failure as the holder did: message, status_code and error."""
+    """A process waiting for the cache lock, whose holder records a failure: it raises that
+    failure, message, status_code and error, without a request of its own."""
     auth = make_auth()
-    record = edrv_auth._CacheRecord(
-        failure=edrv_auth._SharedFailure(clock.now + 1, "token request failed: HTTP 400", 400, "x")
+    file_cache = auth._describe().file_cache
+    failure = edrv_auth._SharedFailure(
+        edrv_auth._clock.time(), "token request failed: HTTP 400 invalid_request", 400, "x"
     )
-    auth._describe().file_cache.write(record)
-    with pytest.raises(TokenRequestError) as info:
-        auth.get_token()  # it "arrived" before the failure was recorded
-    assert (str(info.value), info.value.status_code, info.value.error) == (
-        "token request failed: HTTP 400",
-        400,
-        "x",
-    )
+    outcome: list[BaseException] = []
+
+    def wait_then_get() -> None:
+        try:
+            auth.get_token()
+        except TokenRequestError as exc:
+            outcome.append(exc)
+
+    with file_cache.locked(time.monotonic() + 10):  # another process's token request
+        waiter = threading.Thread(target=wait_then_get)
+        waiter.start()
+        time.sleep(0.3)  # the waiter reads the cache, then waits for the lock
+        file_cache.write(edrv_auth._CacheRecord(failure=failure))
+    waiter.join(10)
+    (error,) = outcome
+    assert isinstance(error, TokenRequestError)
+    assert (str(error), error.status_code, error.error) == (failure.message, 400, "x")
     assert fake.token_requests == 0
+
+
+@pytest.mark.parametrize("ahead", [0.0, 20.0], ids=["same-clock", "clock-20-s-ahead"])
+def test_a_failure_recorded_before_a_caller_came_is_not_its_failure(
+    fake: FakeEdrv, make_auth: MakeAuth, ahead: float
+) -> None:
+    """A failure already in the cache when a caller arrives (even one stamped by a machine
+    whose clock runs ahead) is for those who waited: this caller makes its own request."""
+    auth = make_auth()
+    failure = edrv_auth._SharedFailure(edrv_auth._clock.time() + ahead, "an earlier failure")
+    auth._describe().file_cache.write(edrv_auth._CacheRecord(failure=failure))
+    assert auth.get_token() in fake.issued_tokens
+    assert fake.token_requests == 1
 
 
 def _error_of(call: Callable[[], object]) -> str:
