@@ -142,14 +142,14 @@ _MAX_BODY: Final = 64 * 1024
 _CREDENTIAL_ERRORS: Final = frozenset(
     {None, "access_denied", "invalid_client", "unauthorized_client", "invalid_grant"}
 )
-#: Redis: socket timeouts, how long to leave an unreachable Redis alone, and how
-#: long a dead holder's lock lasts (longer than a token request may take).
 #: How often a waiter looks again while waiting for a lock.
 _LOCK_POLL: Final = 0.05
 #: Rounds of PBKDF2 that name a credential set's cache entry (see `_credential_digest`).
 _NAME_ROUNDS: Final = 10_000
 #: A background renewal waits for the locks at least this long, whatever its timeout.
 _RENEWAL_LOCK_WAIT: Final = 5.0
+#: Redis: socket timeouts, how long to leave an unreachable Redis alone, and how
+#: long a dead holder's lock lasts (longer than a token request may take).
 _REDIS_TIMEOUT: Final = 2.0
 _REDIS_RETRY_AFTER: Final = 30.0
 _REDIS_LOCK_TTL = _FETCH_DEADLINE + 2.0
@@ -158,26 +158,17 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 
 
-class _Clock:
+class _Clock(NamedTuple):
     """The module's one clock: wall time (token lifetimes, the shared records),
     monotonic time (deadlines, lock waits) and sleeping (backoff).
 
     Tests replace `_clock` with one they move forward, so that expiry needs no
-    sleeping. The attributes are the functions themselves: the hot path pays
-    one attribute lookup, not a method call.
+    sleeping.
     """
 
-    __slots__ = ("monotonic", "sleep", "time")
-
-    def __init__(
-        self,
-        time: Callable[[], float],
-        monotonic: Callable[[], float],
-        sleep: Callable[[float], None],
-    ) -> None:
-        self.time = time
-        self.monotonic = monotonic
-        self.sleep = sleep
+    time: Callable[[], float]
+    monotonic: Callable[[], float]
+    sleep: Callable[[float], None]
 
 
 _clock = _Clock(time.time, time.monotonic, time.sleep)
