@@ -537,7 +537,7 @@ def test_unsupported_proxy_scheme_is_named(
 
 
 def test_plain_http_token_url_goes_through_http_proxy(
-    fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch, test_clock: Clock
 ) -> None:
     """An http:// (loopback) token URL goes through HTTP_PROXY as a forwarded request."""
     forwarded: list[str] = []
@@ -554,7 +554,7 @@ def test_plain_http_token_url_goes_through_http_proxy(
     try:
         monkeypatch.setenv("HTTP_PROXY", relay.url)
         auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, cache_dir=clean_env)
-        monkeypatch.setattr(edrv_auth._clock, "sleep", lambda seconds: None)
+        test_clock.slept = []  # no backoff waits
         with pytest.raises(TokenRequestError, match="HTTP 503"):
             auth.get_token()
     finally:
