@@ -2,7 +2,7 @@
 
 Every test drives ``EdrvAuth.get_token()`` against the loopback fake and injects the
 failure through the fake itself (canned responses, dropped connections, delays), so
-the real token request (http.client), its deadline and its refusal to follow a redirect
+the real token request (httpx), its deadline and its refusal to follow a redirect
 are exercised.
 Backoff sleeps are recorded by ``no_sleep`` instead of slept; the storm cap's
 window is crossed with the ``clock`` fixture.
