@@ -2338,6 +2338,45 @@ def _checked_url(name: str, url: str) -> str:
     return url
 
 
+#: A host name as resolvers and certificates take it: labels of letters, digits,
+#: ``-`` and ``_`` (which some internal names use), none empty, none over 63.
+_HOST_NAME: Final = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
+
+
+def _checked_token_url(url: str) -> str:
+    """Validate ``token_url`` as `_checked_url` does, and as httpx will send it.
+
+    What httpx would refuse, or send to a host no resolver takes (an empty
+    label, a space, a character IDNA rejects), is refused now, in one line that
+    does not echo it, and so is whitespace around it (a newline read from a
+    file). A non-ASCII host is sent in its IDNA form and a non-ASCII path
+    percent-encoded, as httpx does. A trailing dot is dropped: certificates
+    name a host without it.
+    """
+    url = _checked_url("token_url", url)
+    if url != url.strip() or not url.isprintable():
+        raise EdrvAuthError(
+            "token_url (or EDRV_TOKEN_URL) has spaces or control characters around or in it "
+            "(a newline read from a file?)"
+        )
+    try:
+        import httpx
+    except ImportError:  # API-key mode without httpx: no token request will send it
+        return url
+    try:
+        parsed: httpx.URL | None = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    host = parsed.raw_host.decode("ascii") if parsed is not None else ""
+    name = host.removesuffix(".")
+    # An IPv6 address (with ":") httpx has checked already; a name, not.
+    if ":" not in host and (len(name) > 253 or not _HOST_NAME.fullmatch(name)):
+        raise EdrvAuthError(
+            "token_url (or EDRV_TOKEN_URL) cannot be sent: its host is not a valid host name"
+        )
+    return str(parsed.copy_with(host=name)) if parsed is not None and name != host else url
+
+
 def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
     """Validate ``verify``: ``True``, a CA bundle file or folder, or a verifying SSLContext.
 
@@ -2640,9 +2679,7 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             _require_packages()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
-        token_url = _checked_url(
-            "token_url", _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
-        )
+        token_url = _checked_token_url(_setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL))
         audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
         if _has_userinfo(audience):
             raise EdrvAuthError("audience must not contain a user name or password")

@@ -734,6 +734,24 @@ def test_https_token_request_names_its_host_without_the_default_port(
     assert tls_fake.token_headers[0]["host"] == "localhost"
 
 
+def test_trailing_dot_host_is_reached_and_its_certificate_trusted(
+    ca: TestCA, tls_fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """https://localhost./... (an absolute DNS name) gets a token: the certificate names
+    ``localhost``, without the dot."""
+    with ConnectProxy(route_to=_port(tls_fake)) as router:
+        monkeypatch.setenv("HTTPS_PROXY", router.url)
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url="https://localhost./oauth/token",
+            cache_dir=clean_env,
+            verify=str(ca.bundle),
+        )
+        assert auth.get_token() in tls_fake.issued_tokens
+    assert router.tunnels == ["localhost:443"]
+
+
 def test_international_host_goes_into_connect_in_its_idna_form(
     ca: TestCA, clean_env: Path, monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch
 ) -> None:
@@ -763,6 +781,45 @@ def _tls(ca: TestCA, name: str, **validity: Any) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.ca.issue_cert(name, **validity).configure_cert(context)
     return context
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://auth..example.com/oauth/token",
+        "https://auth.example.com/oauth/token ",
+        " https://auth.example.com/oauth/token",
+        "https://auth.example.com/oauth/token\n",
+        "https://auth example.com/oauth/token",
+        "https://auth\u200b.example.com/oauth/token",
+        "https://auth.\u2603\u200d.com/oauth/token",
+        "https://" + "a" * 64 + ".example.com/oauth/token",
+    ],
+    ids=[
+        "empty-label",
+        "trailing-space",
+        "leading-space",
+        "newline",
+        "space-in-host",
+        "zero-width",
+        "idna-rejects",
+        "label-too-long",
+    ],
+)
+def test_token_url_no_client_could_send_is_refused_at_construction(
+    url: str, leak_watch: LeakWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at once, in one line naming the setting and not echoing the URL; through the
+    variable as through the argument."""
+    for configure in ("argument", "variable"):
+        options = {"token_url": url} if configure == "argument" else {}
+        monkeypatch.setenv("EDRV_TOKEN_URL", url)
+        with pytest.raises(EdrvAuthError) as info:
+            EdrvAuth(CLIENT_ID, CLIENT_SECRET, **options)
+        message = str(info.value)
+        assert message.startswith("token_url")
+        assert "example.com" not in message
+        assert len(message.splitlines()) == 1
 
 
 @pytest.mark.parametrize("path", ["/oauth/tökén", "/oauth/to ken"])
