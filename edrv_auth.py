@@ -1172,6 +1172,22 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return exponential * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
 
 
+def _after_attempts(
+    error: TokenRequestError, attempts: int, seconds: float, timeout: float
+) -> TokenRequestError:
+    """``error``, the last attempt's, saying how hard the request tried when it retried.
+
+    ``timeout`` bounds each attempt, not the whole request: the message says both.
+    """
+    if attempts < 2:
+        return error
+    return TokenRequestError(
+        f"{error} ({attempts} attempts over {seconds:.1f} s, each limited to {timeout:g} s)",
+        error.status_code,
+        error.error,
+    )
+
+
 def _judge(url: str, answer: _Answer, redactor: _Redactor, obtained_at: float) -> _Token | _Failure:
     """The token in a 2xx answer, or the failure any other answer means."""
     status = answer.status
@@ -1274,7 +1290,7 @@ class _TokenEndpoint:
                 or attempt == attempts
                 or _monotonic() - started + delay + self.timeout > _FETCH_DEADLINE
             ):
-                raise outcome.error
+                raise _after_attempts(outcome.error, attempt, _monotonic() - started, self.timeout)
             _log.debug(
                 "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
             )

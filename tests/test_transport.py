@@ -1211,10 +1211,12 @@ def test_slow_attempts_stop_at_the_overall_deadline(
     for _ in range(edrv_auth._MAX_ATTEMPTS):
         fake.queue_token_response(503, {"error": "temporarily_unavailable"})
     started = fake_monotonic.now
-    with pytest.raises(TokenRequestError):
+    with pytest.raises(TokenRequestError) as info:
         make_auth(timeout=10).get_token()
     assert fake.token_requests == 2  # 8 s, a backoff, 8 s: a third would risk 26+ s
     assert fake_monotonic.now - started < edrv_auth._FETCH_DEADLINE
+    seconds = fake_monotonic.now - started
+    assert f"(2 attempts over {seconds:.1f} s, each limited to 10 s)" in str(info.value)
 
 
 def test_backoff_is_jittered() -> None:
