@@ -701,15 +701,14 @@ def _locations(name: str, path: str) -> tuple[str | None, str | None]:
 def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | str:
     """The SSL context for the token request and what it trusts; or why there is none.
 
-    ``verify=True`` trusts what requests and httpx trust in this environment:
-    ``REQUESTS_CA_BUNDLE`` (else ``CURL_CA_BUNDLE``) as requests reads it, and
-    ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) as httpx reads it, together when
-    both are set; else certifi's bundle, which both use by default; else the
-    system's store. A variable naming a file or folder that does not exist is
-    skipped, with one warning per process: it is often a leftover that only
-    the other library reads. A path (file or folder) or a context given as
-    ``verify`` is used as given, and a context is refused if it was loosened
-    after construction. A context is built once per process and configuration.
+    ``verify=True`` trusts what requests and httpx trust here: the bundle of
+    ``REQUESTS_CA_BUNDLE`` (else ``CURL_CA_BUNDLE``), as requests reads them,
+    with that of ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``), as httpx reads
+    them; else certifi's bundle; else the system's store. A variable naming
+    nothing that exists is skipped, with one warning: often a leftover that
+    only the other library reads. A path or a context given as ``verify`` is
+    used as given (a context loosened since construction is refused). A
+    context is built once per process and configuration.
     """
     import ssl
 
@@ -768,11 +767,11 @@ def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | 
 def _client(context: ssl.SSLContext | None) -> httpx.Client | str:
     """The httpx client for the token request, built once per configuration; or why none works.
 
-    ``context`` is ``None`` for a plain ``http://`` token URL (loopback only), which never
-    goes through a proxy: the proxy would get the client secret in clear. Otherwise the
-    client goes through the proxies the environment names, as httpx reads them
-    (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, in upper or lower case). A proxy URL
-    httpx cannot use is described, never shown: it may hold a password.
+    ``context`` is ``None`` for a plain ``http://`` token URL (loopback only),
+    which never goes through a proxy: the proxy would read the client secret.
+    Otherwise the client takes the proxies the environment names, as httpx
+    reads them. A proxy URL httpx cannot use is described, never shown: it may
+    hold a password.
     """
     import urllib.request
 
@@ -787,15 +786,11 @@ def _client(context: ssl.SSLContext | None) -> httpx.Client | str:
         client = httpx.Client(
             verify=context or True, trust_env=context is not None, follow_redirects=False
         )
-    except ImportError:  # httpx's SOCKS support is an extra
+    except (ImportError, ValueError, httpx.InvalidURL):  # ImportError: socks5:// without socksio
         return (
-            "the proxy named by HTTPS_PROXY or ALL_PROXY is a SOCKS proxy, which needs "
-            "httpx's SOCKS support: pip install 'httpx[socks]'"
-        )
-    except (ValueError, httpx.InvalidURL):
-        return (
-            "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY is not a URL that httpx "
-            "can use (http://, https:// or socks5://host:port)"
+            "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY cannot be used: httpx takes "
+            "http:// and https:// proxies, and socks5:// ones once its SOCKS support is "
+            "installed (pip install 'httpx[socks]')"
         )
     while len(_clients) >= _MAX_CLIENTS:
         _clients.pop(next(iter(_clients)), None)
@@ -803,12 +798,15 @@ def _client(context: ssl.SSLContext | None) -> httpx.Client | str:
     return client
 
 
-def _shut_down(stream: Any) -> None:
-    """End every read and write on one of httpx's network streams at once."""
-    sock = stream.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already closed, or wrapped by TLS
-            sock.shutdown(socket.SHUT_RDWR)
+#: What each step that httpx's ``trace`` extension reports starts, once the way to
+#: the endpoint is open (until then, through a proxy, every step is "tunnel").
+_STAGES: Final = {
+    "connect_tcp": "connect",  # the name lookup too
+    "start_tls": "tls",
+    "send_request_headers": "send",
+    "send_request_body": "sent",  # the form is being written: the attempt counts
+    "receive_response_headers": "answer",
+}
 
 
 class _Exchange:
@@ -817,58 +815,39 @@ class _Exchange:
     httpx bounds each read and write, not the whole exchange: an endpoint that
     drips one header byte a second keeps it going for ever. So the request runs
     in a daemon thread that the caller waits for until the deadline. httpx's
-    ``trace`` request extension reports each network stream it opens and how
-    far the exchange got; at the deadline the streams' sockets are shut down,
-    which ends the worker's read or write at once. A name lookup cannot be
-    interrupted: that worker is left to finish on its own, and a socket it
-    opens afterwards is shut down as soon as it is reported, before anything
-    is sent on it.
-
-    ``stage`` is how far the attempt got: ``connect`` (name lookup and TCP),
-    ``tunnel`` (a proxy opening the way), ``tls``, ``send`` (the request's
-    head), ``sent`` (the form is being written: from here the attempt counts
-    towards the rate cap), ``answer``.
+    ``trace`` extension reports each network stream it opens and the stage
+    reached; at the deadline the streams' sockets are shut down, which ends the
+    worker's read or write at once. A name lookup cannot be interrupted: its
+    worker is left to finish alone, and a socket it opens afterwards is shut
+    down as soon as it is reported, before anything is sent on it.
     """
 
     def __init__(self, url: str, timeout: float, trusted: str) -> None:
         import httpx
 
         target = httpx.URL(url)
-        self.url = url
-        self.timeout = timeout
-        self.trusted = trusted
+        self.url, self.timeout, self.trusted = url, timeout, trusted
         self.host = target.raw_host.decode("ascii")
         self.authority = _authority(self.host, target.port or _DEFAULT_PORTS[target.scheme])
         self.stage = "connect"
-        #: The proxy's host and port, when httpx connected to one rather than to the endpoint.
-        self.proxy: tuple[str, int] | None = None
+        self.proxy: tuple[str, int] | None = None  # when httpx connected to one
         self.tunnelled = False
-        self.tunnel_status: int | None = None
+        self.refusal: int | None = None  # the proxy's status for CONNECT, if not 2xx
         self.done = threading.Event()
         self.outcome: _Answer | _Failure | None = None
-        self._connect_request = False
         self._streams: list[Any] = []
         self._abandoned = False
         self._lock = threading.Lock()
 
-    def __repr__(self) -> str:
-        return f"_Exchange({self.url!r}, stage={self.stage!r})"
-
     def trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpx's ``trace`` extension: note each stream, and each stage as it starts."""
+        """httpx's ``trace`` extension: note each stage as it starts, and each stream."""
         *_, step, phase = event.split(".")
+        opening = self.proxy is not None and not self.tunnelled  # the way through a proxy
         if phase == "started" and step == "connect_tcp":
             peer = (str(info["host"]), int(info["port"]))
             self.proxy = peer if _authority(*peer) != self.authority else None
-        elif phase == "started" and step in ("start_tls", "setup_socks5_connection"):
-            self.stage = "tls" if self.proxy is None or self.tunnelled else "tunnel"
-        elif phase == "started" and step == "send_request_headers":
-            self._connect_request = info["request"].method == b"CONNECT"
-            self.stage = "tunnel" if self._connect_request else "send"
-        elif phase == "started" and not self._connect_request:
-            self.stage = {"send_request_body": "sent", "receive_response_headers": "answer"}.get(
-                step, self.stage
-            )
+        elif phase == "started":
+            self.stage = "tunnel" if opening else _STAGES.get(step, self.stage)
         elif phase == "complete" and step in ("connect_tcp", "start_tls"):
             with self._lock:
                 self._streams.append(info["return_value"])
@@ -877,9 +856,10 @@ class _Exchange:
                 _shut_down(info["return_value"])
         elif phase == "complete" and step == "setup_socks5_connection":
             self.tunnelled = True
-        elif phase == "complete" and step == "receive_response_headers" and self._connect_request:
-            self.tunnel_status = int(info["return_value"][1])
-            self.tunnelled = 200 <= self.tunnel_status < 300
+        elif phase == "complete" and step == "receive_response_headers" and opening:
+            status = int(info["return_value"][1])  # the proxy's answer to CONNECT
+            self.tunnelled = 200 <= status < 300
+            self.refusal = None if self.tunnelled else status
 
     def run(self, client: httpx.Client, form: _Secret) -> None:
         """The worker: POST the form and read the answer; keep the outcome unless abandoned."""
@@ -914,32 +894,29 @@ class _Exchange:
         with self._lock:
             self._abandoned = True
             outcome, streams = self.outcome, list(self._streams)
-        if outcome is not None:
-            return outcome
-        for stream in streams:
+        for stream in streams if outcome is None else ():
             _shut_down(stream)
-        return self.failure(None)
-
-    @property
-    def proxy_label(self) -> str:
-        return "" if self.proxy is None else f"the proxy {_authority(*self.proxy)}"
+        return outcome or self.failure(None)
 
     def failure(self, exc: BaseException | None) -> _Failure:
-        """What ended the attempt: ``exc`` raised in the worker, or the deadline (``None``)."""
+        """What ended the attempt: ``exc`` raised in the worker, or the deadline (``None``).
+
+        Only an attempt that got to write its form counts towards the rate cap.
+        A certificate or a proxy's refusal is final, anything else retried.
+        """
         import ssl
 
         import httpx
 
+        proxy = f"the proxy {_authority(*self.proxy)}" if self.proxy else ""
         certificate = next(
             (e for e in _chain(exc) if isinstance(e, ssl.SSLCertVerificationError)), None
         )
         if certificate is not None:
-            return _untrusted_certificate(self, certificate)
-        if self.tunnel_status is not None and not self.tunnelled:
-            return _refused_tunnel(self, self.tunnel_status)
-        timed_out = exc is None or isinstance(exc, httpx.TimeoutException)
-        why = "timed out" if exc is None else _describe(exc)
-        if self.stage == "answer" and timed_out:
+            message = _certificate_error(self, proxy if self.stage == "tunnel" else "", certificate)
+        elif self.refusal is not None:
+            message = _refused(proxy, self.authority, self.host, self.refusal)
+        elif self.stage == "answer" and (exc is None or isinstance(exc, httpx.TimeoutException)):
             message = (
                 f"the token endpoint {self.url} did not answer in time "
                 f"(timed out after {self.timeout:g} s)"
@@ -949,82 +926,69 @@ class _Exchange:
                 f"the token endpoint {self.url} closed the connection or sent a malformed or "
                 f"incomplete answer ({type(exc).__name__})"
             )
-        elif self.stage in ("send", "sent"):
-            message = f"the token request to {self.url} failed: {why}"
-        elif self.stage == "tls":
-            message = f"the TLS handshake with the token endpoint {self.url} failed: {why}"
-        elif self.stage == "tunnel":
-            message = f"{self.proxy_label} failed to open a tunnel to {self.authority}: {why}"
         else:
-            where = self.proxy_label or f"the token endpoint {self.url}"
-            message = (
-                f"could not reach {where}: {why} "
-                f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})"
-            )
+            why = "timed out" if exc is None else _describe(exc)
+            message = {
+                "connect": f"could not reach {proxy or f'the token endpoint {self.url}'}: {why} "
+                f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})",
+                "tunnel": f"{proxy} failed to open a tunnel to {self.authority}: {why}",
+                "tls": f"the TLS handshake with the token endpoint {self.url} failed: {why}",
+            }.get(self.stage, f"the token request to {self.url} failed: {why}")
+        final = certificate is not None or (self.refusal is not None and self.refusal < 500)
         reached = self.stage in ("sent", "answer")  # the form may have been written
-        return _Failure(TokenRequestError(message), reached=reached, retry=True)
+        return _Failure(TokenRequestError(message), reached=reached, retry=not final)
 
 
-def _untrusted_certificate(exchange: _Exchange, exc: ssl.SSLCertVerificationError) -> _Failure:
-    """A certificate failed verification: whose, why, and how to fix it.
+def _shut_down(stream: Any) -> None:
+    """End every read and write on one of httpx's network streams at once."""
+    sock = stream.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed, or wrapped by TLS since
+            sock.shutdown(socket.SHUT_RDWR)
 
-    Not retried (a retry cannot fix trust), and not counted: nothing was sent.
-    """
+
+def _certificate_error(exchange: _Exchange, proxy: str, exc: ssl.SSLCertVerificationError) -> str:
+    """Why a certificate failed verification, whose it was (the endpoint's, or an
+    ``https://`` ``proxy``'s), and how to fix it."""
     reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
-    who, host, trusted, setting = (
-        f"the token endpoint {exchange.url}",
-        exchange.host,
-        exchange.trusted,
-        _ENV_TOKEN_URL,
-    )
-    if exchange.proxy is not None and not exchange.tunnelled:  # an https:// proxy's own
-        who, host, setting = exchange.proxy_label, exchange.proxy[0], "HTTPS_PROXY or ALL_PROXY"
-        trusted = "certifi's bundle and the system's store, as httpx checks a proxy"
+    who = proxy or f"the token endpoint {exchange.url}"
     if exc.verify_code in _NAME_MISMATCH:
-        message = (
+        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else _ENV_TOKEN_URL
+        host = exchange.proxy[0] if exchange.proxy and proxy else exchange.host
+        return (
             f"the certificate of {who} is not valid for {host} "
             f"(hostname mismatch: {reason}); check {setting}"
         )
-    elif exc.verify_code == _EXPIRED:
-        message = (
+    if exc.verify_code == _EXPIRED:
+        return (
             f"the certificate of {who} has expired ({reason}): unless this machine's clock "
             "is wrong, its owner must renew it"
         )
-    else:
-        message = (
-            f"the certificate of {who} is not trusted ({reason}; trusted here: {trusted}): "
-            f"{_TRUST_HINT}"
-        )
-    return _Failure(TokenRequestError(message), reached=False, retry=False)
+    # httpx checks an https:// proxy against certifi and the system's store, not ours.
+    trusted = "certifi's bundle and the system's store" if proxy else exchange.trusted
+    return (
+        f"the certificate of {who} is not trusted ({reason}; trusted here: {trusted}): "
+        f"{_TRUST_HINT}"
+    )
 
 
-def _refused_tunnel(exchange: _Exchange, status: int) -> _Failure:
-    """A proxy answered ``CONNECT`` with an error status: its answer, not the endpoint's.
-
-    A 5xx (the proxy could not reach the endpoint) may pass and is retried; a 4xx
-    is the proxy's policy or its credentials, and is final. Neither counts: the
-    form never left this machine.
-    """
+def _refused(proxy: str, authority: str, host: str, status: int) -> str:
+    """A proxy's error answer to ``CONNECT``: its 5xx (it could not reach the endpoint,
+    which may pass) named as its own, its 4xx (its policy or credentials) with the fix."""
     import httpx
 
     answer = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
-    proxy, authority = exchange.proxy_label, exchange.authority
     if status >= 500:
-        message = (
+        return (
             f"{proxy} could not open a tunnel to {authority}: {answer} "
             "(the proxy's answer, not the token endpoint's)"
         )
-    elif status == 407:
-        message = (
-            f"{proxy} refused the tunnel to {authority}: {answer} "
-            "(check the user name and password in HTTPS_PROXY or ALL_PROXY)"
-        )
-    else:
-        message = (
-            f"{proxy} refused the tunnel to {authority}: {answer} "
-            f"(add {exchange.host} to NO_PROXY if it must be reached directly)"
-        )
-    return _Failure(TokenRequestError(message), reached=False, retry=status >= 500)
+    fix = (
+        "check the user name and password in HTTPS_PROXY or ALL_PROXY"
+        if status == 407
+        else f"add {host} to NO_PROXY if it must be reached directly"
+    )
+    return f"{proxy} refused the tunnel to {authority}: {answer} ({fix})"
 
 
 def _read_body(response: httpx.Response) -> bytes:
@@ -1043,11 +1007,10 @@ def _post(
     """POST ``form`` to ``url`` with httpx; return the answer (body capped), or why there is none.
 
     httpx does HTTP, TLS and proxies; `_Exchange` ends the whole attempt (name
-    lookup, connect, proxy tunnel, TLS handshake, sending, the status line,
-    headers and body) by one deadline ``timeout`` seconds away, however slowly
-    the bytes come. Never raises for a network failure: httpx's exceptions,
-    whose frames hold the form, stay in the worker thread and become a
-    `_Failure`, which is chained to nothing when it is raised.
+    lookup, connect, tunnel, TLS handshake, request, answer) by one deadline
+    ``timeout`` seconds away, however slowly the bytes come. Never raises for a
+    network failure: httpx's exceptions, whose frames hold the form, stay in
+    the worker thread and become a `_Failure`, chained to nothing when raised.
     """
     trusted = ""
     context: ssl.SSLContext | None = None
