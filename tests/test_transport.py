@@ -366,6 +366,32 @@ def test_only_missing_bundles_named_means_certifi(
     assert tls_fake.token_requests == 0
 
 
+def test_expired_certificate_is_called_expired(
+    ca: TestCA, clean_env: Path, no_sleep: list[float], leak_watch: LeakWatch
+) -> None:
+    """A certificate past its end date: "has expired", not "not trusted"; final, not counted."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = {
+        "not_before": now - datetime.timedelta(days=2),
+        "not_after": now - datetime.timedelta(days=1),
+    }
+    with FakeEdrv(tls=_tls(ca, "localhost", **validity)) as server:
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url=server.token_url,
+            cache_dir=clean_env,
+            verify=str(ca.bundle),
+        )
+        with pytest.raises(TokenRequestError, match="has expired") as info:
+            auth.get_token()
+        assert server.token_requests == 0
+    assert "not trusted" not in str(info.value)
+    assert (no_sleep, _cap_record(auth)) == ([], ())
+
+
 def test_bundle_that_cannot_be_loaded_is_named(
     make_tls_auth: MakeAuth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1032,14 +1058,23 @@ def test_debuglevel_set_by_the_user_never_prints_the_form(
     assert "client_secret" not in out + err
 
 
+def _token_request_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "edrv_auth-token-request"]
+
+
 def test_timeout_bounds_the_whole_answer(make_auth: MakeAuth, no_sleep: list[float]) -> None:
-    """A server dripping its answer cannot stretch one attempt past `timeout`."""
+    """A server dripping its answer cannot stretch one attempt past `timeout`, and the
+    attempts it cut do not linger: their connections are shut down at the deadline."""
     with DripServer("body") as drip:
         auth = make_auth(token_url=drip.token_url, timeout=0.5)
         started = time.monotonic()
         with pytest.raises(TokenRequestError, match="timed out"):
             auth.get_token()
-    assert time.monotonic() - started < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
+        elapsed = time.monotonic() - started
+        for worker in _token_request_workers():
+            worker.join(1.0)  # still dripping, unless its socket was shut down
+        assert _token_request_workers() == []
+    assert elapsed < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
 
 
 def _resolving(
@@ -1111,9 +1146,8 @@ def test_stuck_name_lookup_is_abandoned_and_sends_nothing_later(
     assert "timed out" in str(info.value)
     assert elapsed < 3 * 0.5 + 1.0
     assert (len(no_sleep), _cap_record(auth)) == (2, ())
-    for worker in threading.enumerate():
-        if worker.name == "edrv_auth-token-request":
-            worker.join(10)
+    for worker in _token_request_workers():
+        worker.join(10)
     assert tls_fake.token_requests == 0
 
 
