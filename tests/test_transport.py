@@ -14,6 +14,7 @@ to work for the token request.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -302,6 +303,24 @@ def test_untrusted_certificate_names_the_fix_and_is_not_retried_or_counted(
     assert (tls_fake.token_requests, tls_fake.api_requests) == (0, 0)
 
 
+def _refused_certificate(tls: ssl.SSLContext, bundle: Path, cache_dir: Path) -> str:
+    """The error of a token request to a fake serving TLS with ``tls``, trusting ``bundle``:
+    nothing may have reached the fake, nor counted towards the cap."""
+    with FakeEdrv(tls=tls) as server:
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url=server.token_url,
+            cache_dir=cache_dir,
+            verify=str(bundle),
+        )
+        with pytest.raises(TokenRequestError) as info:
+            auth.get_token()
+        assert server.token_requests == 0
+    assert _cap_record(auth) == ()
+    return str(info.value)
+
+
 def test_hostname_mismatch_says_so(
     ca: TestCA, tmp_path: Path, clean_env: Path, no_sleep: list[float]
 ) -> None:
@@ -309,23 +328,9 @@ def test_hostname_mismatch_says_so(
     folder = tmp_path / "other-name"
     folder.mkdir()
     other = TestCA(folder, names=("auth.example",))
-    server = FakeEdrv(tls=other.server_context()).start()
-    try:
-        auth = EdrvAuth(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            token_url=server.token_url,
-            cache_dir=clean_env,
-            verify=str(other.bundle),
-        )
-        with pytest.raises(TokenRequestError, match="hostname mismatch") as info:
-            auth.get_token()
-        assert "not valid for localhost" in str(info.value)
-        assert server.token_requests == 0
-    finally:
-        server.stop()
+    message = _refused_certificate(other.server_context(), other.bundle, clean_env)
+    assert "not valid for localhost (hostname mismatch" in message
     assert no_sleep == []
-    assert _cap_record(auth) == ()
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
@@ -367,29 +372,18 @@ def test_only_missing_bundles_named_means_certifi(
 
 
 def test_expired_certificate_is_called_expired(
-    ca: TestCA, clean_env: Path, no_sleep: list[float], leak_watch: LeakWatch
+    ca: TestCA, clean_env: Path, no_sleep: list[float]
 ) -> None:
     """A certificate past its end date: "has expired", not "not trusted"; final, not counted."""
     import datetime
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    validity = {
-        "not_before": now - datetime.timedelta(days=2),
-        "not_after": now - datetime.timedelta(days=1),
-    }
-    with FakeEdrv(tls=_tls(ca, "localhost", **validity)) as server:
-        auth = EdrvAuth(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            token_url=server.token_url,
-            cache_dir=clean_env,
-            verify=str(ca.bundle),
-        )
-        with pytest.raises(TokenRequestError, match="has expired") as info:
-            auth.get_token()
-        assert server.token_requests == 0
-    assert "not trusted" not in str(info.value)
-    assert (no_sleep, _cap_record(auth)) == ([], ())
+    day = datetime.timedelta(days=1)
+    expired = _tls(ca, "localhost", not_before=now - 2 * day, not_after=now - day)
+    message = _refused_certificate(expired, ca.bundle, clean_env)
+    assert "has expired" in message
+    assert "not trusted" not in message
+    assert no_sleep == []
 
 
 def test_bundle_that_cannot_be_loaded_is_named(
@@ -608,50 +602,41 @@ def test_proxy_credentials_are_sent_to_the_proxy_only_and_never_shown(
     assert leak_watch.leaks(message, repr(auth)) == []
 
 
-@pytest.mark.parametrize("status", [403, 407])
-def test_proxy_refusing_the_tunnel_says_so_and_is_not_retried(
+@pytest.mark.parametrize(
+    ("status", "said", "attempts"),
+    [
+        (
+            403,
+            "refused the tunnel to {authority}: HTTP 403 Forbidden (add localhost to NO_PROXY",
+            1,
+        ),
+        (407, "refused the tunnel to {authority}: HTTP 407 Proxy Authentication Required", 1),
+        (502, "could not open a tunnel to {authority}: HTTP 502 Bad Gateway (the proxy's", 3),
+    ],
+)
+def test_proxy_error_on_connect_is_named_the_proxys_and_retried_only_if_5xx(
     make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
     no_sleep: list[float],
     status: int,
+    said: str,
+    attempts: int,
 ) -> None:
-    """A proxy answering CONNECT with 403/407: "refused the tunnel", final and not counted."""
+    """A proxy answering CONNECT with an error: its answer, not the endpoint's, and never
+    counted (the form never left). A 4xx (its policy, its credentials) is final; a 5xx
+    (it could not reach the endpoint) may pass, and is retried."""
     with ConnectProxy(refuse=status) as refusing:
         monkeypatch.setenv("HTTPS_PROXY", refusing.url)
         auth = make_tls_auth(verify=str(ca.bundle))
         with pytest.raises(TokenRequestError) as info:
             auth.get_token()
-    message = str(info.value)
-    assert f"the proxy 127.0.0.1:{refusing.port} refused the tunnel" in message
-    assert f"HTTP {status}" in message
-    assert "could not reach" not in message
+    authority = tls_fake.url.removeprefix("https://")
+    assert str(info.value).startswith(f"the proxy 127.0.0.1:{refusing.port} ")
+    assert said.format(authority=authority) in str(info.value)
     assert info.value.status_code is None  # the endpoint said nothing
-    assert no_sleep == []
-    assert _cap_record(auth) == ()
-    assert tls_fake.token_requests == 0
-
-
-def test_proxy_failing_to_open_the_tunnel_is_retried_and_named_the_proxys(
-    make_tls_auth: MakeAuth,
-    tls_fake: FakeEdrv,
-    ca: TestCA,
-    monkeypatch: pytest.MonkeyPatch,
-    no_sleep: list[float],
-) -> None:
-    """A 502 from the proxy on CONNECT may pass: retried, named as the proxy's answer, not
-    blamed on the token endpoint, and not counted (the form never left)."""
-    with ConnectProxy(refuse=502) as failing:
-        monkeypatch.setenv("HTTPS_PROXY", failing.url)
-        auth = make_tls_auth(verify=str(ca.bundle))
-        with pytest.raises(TokenRequestError) as info:
-            auth.get_token()
-    message = str(info.value)
-    assert f"the proxy 127.0.0.1:{failing.port} could not open a tunnel" in message
-    assert "HTTP 502 Bad Gateway (the proxy's answer, not the token endpoint's)" in message
-    assert info.value.status_code is None
-    assert (failing.connections, len(no_sleep)) == (3, 2)
+    assert (refusing.connections, len(no_sleep)) == (attempts, attempts - 1)
     assert _cap_record(auth) == ()
     assert tls_fake.token_requests == 0
 
@@ -743,22 +728,27 @@ def test_one_client_per_trust_and_proxy_configuration(
 # ---- what goes on the wire: hosts, paths, answers ----------------------------------------
 
 
+def _token_through_a_router(
+    server: FakeEdrv, ca: TestCA, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> list[str]:
+    """Get a token for ``url`` through a CONNECT proxy that routes every tunnel to ``server``
+    (so that a test can ask for port 443, or for any name); the tunnels the proxy opened."""
+    with ConnectProxy(route_to=_port(server)) as router:
+        monkeypatch.setenv("HTTPS_PROXY", router.url)
+        auth = EdrvAuth(
+            CLIENT_ID, CLIENT_SECRET, token_url=url, cache_dir=cache_dir, verify=str(ca.bundle)
+        )
+        assert auth.get_token() in server.issued_tokens
+    return router.tunnels
+
+
 def test_https_token_request_names_its_host_without_the_default_port(
     ca: TestCA, tls_fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """https://localhost/... sends ``Host: localhost``, not ``localhost:443``, which a strict
-    virtual-host check answers with 421 (reached on port 443 through a routing proxy)."""
-    with ConnectProxy(route_to=_port(tls_fake)) as router:
-        monkeypatch.setenv("HTTPS_PROXY", router.url)
-        auth = EdrvAuth(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            token_url="https://localhost/oauth/token",
-            cache_dir=clean_env,
-            verify=str(ca.bundle),
-        )
-        assert auth.get_token() in tls_fake.issued_tokens
-    assert router.tunnels == ["localhost:443"]
+    virtual-host check answers with 421."""
+    url = "https://localhost/oauth/token"
+    assert _token_through_a_router(tls_fake, ca, clean_env, monkeypatch, url) == ["localhost:443"]
     assert tls_fake.token_headers[0]["host"] == "localhost"
 
 
@@ -767,17 +757,8 @@ def test_trailing_dot_host_is_reached_and_its_certificate_trusted(
 ) -> None:
     """https://localhost./... (an absolute DNS name) gets a token: the certificate names
     ``localhost``, without the dot."""
-    with ConnectProxy(route_to=_port(tls_fake)) as router:
-        monkeypatch.setenv("HTTPS_PROXY", router.url)
-        auth = EdrvAuth(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            token_url="https://localhost./oauth/token",
-            cache_dir=clean_env,
-            verify=str(ca.bundle),
-        )
-        assert auth.get_token() in tls_fake.issued_tokens
-    assert router.tunnels == ["localhost:443"]
+    url = "https://localhost./oauth/token"
+    assert _token_through_a_router(tls_fake, ca, clean_env, monkeypatch, url) == ["localhost:443"]
 
 
 def test_international_host_goes_into_connect_in_its_idna_form(
@@ -788,20 +769,10 @@ def test_international_host_goes_into_connect_in_its_idna_form(
     server = FakeEdrv(
         client_id=CLIENT_ID, client_secret=CLIENT_SECRET, tls=_tls(ca, "bücher.localhost")
     )
-    try:
-        with server, ConnectProxy(route_to=_port(server)) as router:
-            monkeypatch.setenv("HTTPS_PROXY", router.url)
-            auth = EdrvAuth(
-                CLIENT_ID,
-                CLIENT_SECRET,
-                token_url="https://bücher.localhost/oauth/token",
-                cache_dir=clean_env,
-                verify=str(ca.bundle),
-            )
-            assert auth.get_token() in server.issued_tokens
-    finally:
-        leak_watch.secrets.update(server.issued_tokens)
-    assert router.tunnels == ["xn--bcher-kva.localhost:443"]
+    with contextlib.contextmanager(serve_watched)(server, leak_watch):
+        url = "https://bücher.localhost/oauth/token"
+        tunnels = _token_through_a_router(server, ca, clean_env, monkeypatch, url)
+    assert tunnels == ["xn--bcher-kva.localhost:443"]
 
 
 def _tls(ca: TestCA, name: str, **validity: Any) -> ssl.SSLContext:
