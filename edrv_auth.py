@@ -17,7 +17,8 @@ tokens as possible::
         client.get("https://api.edrv.io/v1.1/chargestations")
 
 The file is self-contained: copy it next to a script and it works with whichever
-of requests and httpx is installed (it needs ``filelock``).
+of requests and httpx is installed (client credentials need ``httpx``, for the
+token request, and ``filelock``).
 
 Sections, each built only from the ones above it:
     Errors · Token values · Token endpoint (the one token request) ·
@@ -53,7 +54,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 if TYPE_CHECKING:
     import asyncio
     import ssl
-    import urllib.request
     from typing import Protocol
 
     import anyio
@@ -818,8 +818,8 @@ class _Exchange:
     ``trace`` extension reports each network stream it opens and the stage
     reached; at the deadline the streams' sockets are shut down, which ends the
     worker's read or write at once. A name lookup cannot be interrupted: its
-    worker is left to finish alone, and a socket it opens afterwards is shut
-    down as soon as it is reported, before anything is sent on it.
+    worker is left to finish alone, and a stream it opens afterwards is closed
+    as soon as it is reported, before anything is sent on it.
     """
 
     def __init__(self, url: str, timeout: float, trusted: str) -> None:
@@ -850,10 +850,12 @@ class _Exchange:
             self.stage = "tunnel" if opening else _STAGES.get(step, self.stage)
         elif phase == "complete" and step in ("connect_tcp", "start_tls"):
             with self._lock:
-                self._streams.append(info["return_value"])
                 abandoned = self._abandoned
-            if abandoned:
-                _shut_down(info["return_value"])
+                if not abandoned:
+                    self._streams.append(info["return_value"])
+            if abandoned:  # the deadline passed while it was opened (a name lookup, say)
+                info["return_value"].close()  # this is the worker's thread: close, and stop
+                raise TimeoutError("this attempt's deadline has passed")
         elif phase == "complete" and step == "setup_socks5_connection":
             self.tunnelled = True
         elif phase == "complete" and step == "receive_response_headers" and opening:
@@ -2604,8 +2606,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             request carries the client secret.
 
     The token request goes through the proxy that ``HTTPS_PROXY`` or
-    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as requests and
-    httpx do, and each attempt ends by ``timeout``.
+    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as httpx reads
+    them, and each attempt ends by ``timeout``.
 
     An argument you pass wins over its environment variable; an empty
     variable counts as unset. Creating the object sends nothing and writes
