@@ -819,7 +819,9 @@ class _Exchange:
     reached; at the deadline the streams' sockets are shut down, which ends the
     worker's read or write at once. A name lookup cannot be interrupted: its
     worker is left to finish alone, and a stream it opens afterwards is closed
-    as soon as it is reported, before anything is sent on it.
+    as soon as it is reported, before anything is sent on it. Nor can a TLS
+    handshake under way (``ssl`` holds its socket until it ends): httpx's
+    connect timeout, a third of ``timeout``, ends that worker soon after.
     """
 
     def __init__(self, url: str, timeout: float, trusted: str) -> None:
