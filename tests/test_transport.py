@@ -1126,10 +1126,15 @@ def test_failure_while_sending_the_form_counts_towards_the_cap(
     clean_env: Path, no_sleep: list[float]
 ) -> None:
     """An attempt cut while the form is being written may have reached the endpoint: it counts
-    towards the cap (a 16 MB audience fills the socket buffers of an endpoint that reads
-    nothing, so that the deadline comes while sending)."""
+    towards the cap (a 32 MB audience overflows the socket buffers of an endpoint that reads
+    nothing and keeps a small receive window, so that the deadline comes while sending)."""
 
     class Deaf(ConnectProxy):
+        def __init__(self) -> None:
+            super().__init__()
+            # A fixed, small window: the kernel must not grow it to take the whole form.
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
         def _serve(self, conn: Any) -> None:
             self._stop.wait(30)
 
@@ -1138,7 +1143,7 @@ def test_failure_while_sending_the_form_counts_towards_the_cap(
             CLIENT_ID,
             CLIENT_SECRET,
             token_url=f"http://127.0.0.1:{deaf.port}/oauth/token",
-            audience="x" * (16 << 20),  # nothing to percent-encode: the form is built at once
+            audience="x" * (32 << 20),  # nothing to percent-encode: the form is built at once
             cache_dir=clean_env,
             timeout=0.5,
         )
