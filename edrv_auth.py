@@ -17,7 +17,8 @@ tokens as possible::
         client.get("https://api.edrv.io/v1.1/chargestations")
 
 The file is self-contained: copy it next to a script and it works with whichever
-of requests and httpx is installed (it needs ``filelock``).
+of requests and httpx is installed (client credentials need ``httpx``, for the
+token request, and ``filelock``).
 """
 
 # The file's sections, each built only from the ones above it:
@@ -34,7 +35,6 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import io
 import json
 import logging
 import math
@@ -56,9 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 # lock, the command line), which keeps `import edrv_auth` cheap.
 if TYPE_CHECKING:
     import asyncio
-    import email.message
     import ssl
-    import urllib.request
     from typing import Protocol
 
     import anyio
@@ -559,8 +557,10 @@ _TRUST_HINT: Final = (
 )
 
 
-#: OpenSSL's verify codes for a certificate issued for another host or IP address.
+#: OpenSSL's verify codes for a certificate issued for another host or IP address, and
+#: for one past its end date.
 _NAME_MISMATCH: Final = frozenset({62, 64})
+_EXPIRED: Final = 10
 
 
 #: RFC 6749 and RFC 6750 error codes, and a few common extensions: always shown.
@@ -589,7 +589,17 @@ _ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
 
 #: Built SSL contexts, one per trust configuration and process (a context is
 #: costly to build: certifi's bundle alone holds about 150 certificates).
-_contexts: dict[tuple[int, tuple[tuple[str, str], ...]], ssl.SSLContext] = {}
+_contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
+
+#: httpx clients for the token request, one per process, trust and proxy
+#: configuration; a few at most, the oldest dropped (none holds a connection).
+_clients: dict[tuple[object, ...], httpx.Client] = {}
+_MAX_CLIENTS: Final = 8
+
+#: httpx gives each address of a host, and the TLS handshake, its whole connect
+#: timeout. This share of `timeout` lets two addresses that do not answer (IPv6
+#: ones on a network where IPv6 is broken) still leave time for the next one.
+_CONNECT_SHARE: Final = 1 / 3
 
 
 class _Answer:
@@ -602,7 +612,7 @@ class _Answer:
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, headers: email.message.Message, body: bytes) -> None:
+    def __init__(self, status: int, headers: httpx.Headers, body: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
@@ -635,22 +645,6 @@ class _Failure:
 
     def __repr__(self) -> str:
         return f"_Failure({self.error!r}, reached={self.reached}, retry={self.retry})"
-
-
-class _Proxy:
-    """The proxy for the token request; ``authorization`` is its masked Basic credential."""
-
-    __slots__ = ("authorization", "host", "label", "port")
-
-    def __init__(self, host: str, port: int, authorization: _Secret | None) -> None:
-        self.host = host
-        self.port = port
-        self.authorization = authorization
-        netloc = f"[{host}]" if ":" in host else host
-        self.label = f"http://{netloc}:{port}"  # never the user name or password
-
-    def __repr__(self) -> str:
-        return f"_Proxy({self.label!r})"
 
 
 def _fold(text: str) -> str:
@@ -734,251 +728,78 @@ class _Redactor:
         return None if shown == "***" and text.strip() != "***" else shown
 
 
-def _describe(exc: BaseException) -> str:
-    """A short, safe description of a network error (never its arguments)."""
-    if isinstance(exc, TimeoutError):
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first (httpx wraps
+    httpcore's, which wrap the ``OSError`` or ``ssl`` error that says what happened)."""
+    for _ in range(16):  # a bound, in case a library ever builds a cycle
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _network_error_text(exc: BaseException) -> str:
+    """A short, safe description of a network error: its root cause, never its arguments."""
+    import httpx
+
+    root = list(_chain(exc))[-1]
+    if isinstance(exc, httpx.TimeoutException) or isinstance(root, TimeoutError):
         return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host ({_clean(str(exc.strerror or 'name lookup failed'))})"
-    reason = getattr(exc, "reason", None)  # ssl.SSLError: OpenSSL's reason code
-    text = getattr(exc, "strerror", None) or (reason if isinstance(reason, str) else None)
-    name = type(exc).__name__
+    if isinstance(root, socket.gaierror):
+        return f"unknown host ({_clean(str(root.strerror or 'name lookup failed'))})"
+    reason = getattr(root, "reason", None)  # ssl.SSLError: OpenSSL's reason code
+    text = getattr(root, "strerror", None) or (reason if isinstance(reason, str) else None)
+    name = type(root).__name__
     return _clean(f"{name}: {text}" if text else name, limit=120)
 
 
-def _left(deadline: float) -> float:
-    """Seconds left before ``deadline``; a `TimeoutError` once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("timed out")
-    return left
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream under http.client's reader: every read ends by the deadline."""
+def _loosened(context: ssl.SSLContext) -> bool:
+    """Whether an SSL context no longer checks certificates and host names."""
+    import ssl
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        self._sock.settimeout(_left(self._deadline))
-        return self._sock.recv_into(buffer)
+    return context.verify_mode != ssl.CERT_REQUIRED or not context.check_hostname
 
 
-class _DeadlineSocket:
-    """What http.client needs of a socket, each operation bounded by one deadline.
-
-    Before every send and every read, the socket's timeout is set to the time
-    left: a peer that drips one byte at a time cannot stretch the exchange.
-    """
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self._sock = sock
-        self._deadline = deadline
-
-    def sendall(self, data: bytes) -> None:
-        self._sock.settimeout(_left(self._deadline))
-        self._sock.sendall(data)
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
-
-    def close(self) -> None:
-        """The socket is closed by `_post`, which opened it."""
-
-
-def _resolve(host: str, port: int, deadline: float) -> list[Any]:
-    """``getaddrinfo``, within the deadline: a stuck resolver must not hold the lock.
-
-    A name lookup cannot be interrupted, so it runs in a daemon thread that is
-    abandoned at the deadline. Addresses given as numbers need no lookup.
-    """
-    import ipaddress
-
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    found: list[Any] = []
-
-    def lookup() -> None:
-        try:
-            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as exc:
-            found.append(exc)
-
-    thread = threading.Thread(target=lookup, name="edrv_auth-resolve", daemon=True)
-    thread.start()
-    thread.join(_left(deadline))
-    if not found:
-        raise TimeoutError("timed out")
-    if isinstance(found[0], OSError):
-        raise found[0]
-    return list(found[0])
-
-
-def _connect(address: _Proxy | tuple[str, int], deadline: float) -> socket.socket:
-    """A TCP connection to the first address of ``address`` that answers in time."""
-    host, port = (address.host, address.port) if isinstance(address, _Proxy) else address
-    last: OSError | None = None
-    for family, kind, protocol, _, where in _resolve(host, port, deadline):
-        sock = socket.socket(family, kind, protocol)
-        try:
-            sock.settimeout(_left(deadline))
-            sock.connect(where)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        return sock
-    raise last or OSError(0, f"no address for {host}")
-
-
-def _proxy_header(proxy: _Proxy | None) -> dict[str, str]:
-    if proxy is None or proxy.authorization is None:
-        return {}
-    return {"Proxy-Authorization": proxy.authorization.value}
-
-
-def _tunnel(
-    sock: socket.socket, proxy: _Proxy, host: str, port: int, deadline: float
-) -> _Failure | None:
-    """Ask the proxy for a tunnel (HTTP ``CONNECT``); ``None`` when it is open."""
-    import http
-    import http.client
-
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    sock.settimeout(_left(deadline))
-    sock.sendall(
-        (
-            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in _proxy_header(proxy).items())
-            + "\r\n"
-        ).encode()
-    )
-    answer = http.client.HTTPResponse(_DeadlineSocket(sock, deadline), method="CONNECT")  # type: ignore[arg-type]
-    try:
-        answer.begin()
-    finally:
-        answer.fp = None  # type: ignore[assignment] # the raw socket stays open for TLS; only the reader goes
-    if 200 <= answer.status < 300:
-        return None
-    try:
-        phrase = f" {http.HTTPStatus(answer.status).phrase}"
-    except ValueError:
-        phrase = ""
-    message = (
-        f"the proxy {proxy.label} refused the tunnel to {authority}: HTTP {answer.status}{phrase}"
-    )
-    if answer.status == 407:
-        message += " (check the user name and password in HTTPS_PROXY or ALL_PROXY)"
-    elif answer.status < 500:
-        message += f" (add {host} to NO_PROXY if it must be reached directly)"
-    # A 5xx is the proxy failing to reach the endpoint, which may pass.
-    return _Failure(TokenRequestError(message), reached=False, retry=answer.status >= 500)
-
-
-def _no_proxy(host: str, port: int, no_proxy: str) -> bool:
-    """Whether ``NO_PROXY`` excludes ``host``, as requests (and curl) read it.
-
-    ``*`` excludes every host; ``example.com``, ``.example.com`` and
-    ``*.example.com`` the domain and its subdomains (a leading dot is ignored,
-    as urllib does for requests; httpx alone would read it as subdomains only);
-    an IP address or network (``10.0.0.0/8``) the addresses in it; each
-    optionally with ``:port``. Names compare without regard to case.
-    """
-    import ipaddress
-
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if entry == "*":
-            return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry.startswith("[") and "]:" in entry:
-            name, entry_port = entry[1:].split("]:", 1)
-        name = name.strip("[]")
-        if not name or (entry_port and entry_port != str(port)):
-            continue
-        try:
-            if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
-                return True
-            continue
-        except ValueError:
-            pass
-        name = name.removeprefix("*").removeprefix(".")
-        if host == name or host.endswith(f".{name}"):
-            return True
-    return False
-
-
-def _proxy_for(scheme: str, host: str, port: int) -> _Proxy | str | None:
-    """The proxy for the token request, as requests and httpx choose it; or why none works.
-
-    ``HTTPS_PROXY`` (or ``HTTP_PROXY`` for an http URL), else ``ALL_PROXY``,
-    upper or lower case (and the system's settings on macOS and Windows), unless
-    ``NO_PROXY`` names the host. Returns ``None`` for a direct connection. The
-    proxy's user name and password are kept masked, and never shown.
-    """
-    import base64
-    import urllib.request
-
-    proxies = urllib.request.getproxies()
-    value = proxies.get(scheme) or proxies.get("all")
-    if not value or _no_proxy(host, port, proxies.get("no", "")):
-        return None
-    if "://" not in value:
-        value = f"http://{value}"  # "proxy:3128", as requests and httpx read it
-    try:
-        parts = urllib.parse.urlsplit(value)
-        proxy_port = parts.port or 80
-    except ValueError:
-        return "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY is not a valid URL"
-    if parts.scheme.lower() != "http" or not parts.hostname:
-        return (
-            f"the token request supports http:// proxies only, not "
-            f"{_clean(parts.scheme, limit=16)}:// (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY)"
-        )
-    authorization = None
-    if parts.username is not None or parts.password is not None:
-        authorization = _Secret(
-            "Basic "
-            + base64.b64encode(
-                (
-                    urllib.parse.unquote(parts.username or "")
-                    + ":"
-                    + urllib.parse.unquote(parts.password or "")
-                ).encode()
-            ).decode()
-        )
-    return _Proxy(parts.hostname, proxy_port, authorization)
+def _locations(name: str, path: str) -> tuple[str | None, str | None]:
+    """``path`` as (CA file, hashed CA folder); ``SSL_CERT_DIR`` always names a folder."""
+    folder = name == "SSL_CERT_DIR" or os.path.isdir(path)
+    return (None, path) if folder else (path, None)
 
 
 def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | str:
     """The SSL context for the token request and what it trusts; or why there is none.
 
-    ``verify=True`` trusts what requests and httpx trust in this environment:
-    ``REQUESTS_CA_BUNDLE`` (else ``CURL_CA_BUNDLE``) as requests reads it, and
-    ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) as httpx reads it, together when
-    both are set; else certifi's bundle, which both use by default; else the
-    system's store. A path (file or folder) or a context given as ``verify``
-    is used as given. A context is built once per process and configuration.
+    ``verify=True`` trusts what requests and httpx trust here: the bundle of
+    ``REQUESTS_CA_BUNDLE`` (else ``CURL_CA_BUNDLE``), as requests reads them,
+    with that of ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``), as httpx reads
+    them; else certifi's bundle; else the system's store. A variable naming
+    nothing that exists is skipped, with one warning: often a leftover that
+    only the other library reads. A path or a context given as ``verify`` is
+    used as given (a context loosened since construction is refused). A
+    context is built once per process and configuration.
     """
     import ssl
 
     if isinstance(verify, ssl.SSLContext):
+        if _loosened(verify):
+            return (
+                "verify= is an ssl.SSLContext that no longer checks certificates and host "
+                "names: refused, the token request carries the client secret"
+            )
         return verify, "the ssl.SSLContext given as verify="
     sources: list[tuple[str, str]] = []
+    missing: list[tuple[str, str]] = []
     if isinstance(verify, str):
         sources.append(("verify=", verify))
     else:
         for group in _CA_VARIABLES:
             named = next(((name, os.environ[name]) for name in group if _env(name)), None)
             if named is not None:
-                sources.append(named)
+                (sources if os.path.exists(named[1]) else missing).append(named)
     if not sources:
         try:
             import certifi
@@ -993,174 +814,301 @@ def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | 
         )
         or "the system's CA store"
     )
-    key = (os.getpid(), tuple(sources))
+    key = (os.getpid(), tuple(sources), tuple(missing))
     context = _contexts.get(key)
     if context is None:
+        for name, path in missing:
+            _log.warning("%s names %s, which does not exist: not trusted", name, path)
         try:
             # Only the named sources when there are any (the system store is not
             # added), as requests and httpx do.
-            context = ssl.create_default_context() if not sources else None
-            for name, path in sources:
-                folder = name == "SSL_CERT_DIR" or os.path.isdir(path)
-                cafile, capath = (None, path) if folder else (path, None)
-                if context is None:
-                    context = ssl.create_default_context(cafile=cafile, capath=capath)
-                else:
-                    context.load_verify_locations(cafile=cafile, capath=capath)
+            (cafile, capath), *others = [_locations(*source) for source in sources] or [
+                (None, None)
+            ]
+            context = ssl.create_default_context(cafile=cafile, capath=capath)
+            for cafile, capath in others:
+                context.load_verify_locations(cafile, capath)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
             return f"cannot load the CA certificates of {label}: {_clean(str(reason))}"
-        if context is None:  # pragma: no cover - `sources` is never empty here
-            raise AssertionError("no trust source")
         _log.debug("the token request trusts %s", label)
         _contexts[key] = context
     return context, label
 
 
-def _untrusted_certificate(
-    url: str, host: str, exc: ssl.SSLCertVerificationError, trusted: str
-) -> _Failure:
-    """The endpoint's certificate failed verification: say why, and how to fix it."""
+def _client(context: ssl.SSLContext | None) -> httpx.Client | str:
+    """The httpx client for the token request, built once per configuration; or why none works.
+
+    ``context`` is ``None`` for a plain ``http://`` token URL (loopback only),
+    which never goes through a proxy: the proxy would read the client secret.
+    Otherwise the client takes the proxies the environment names, as httpx
+    reads them. A proxy URL httpx cannot use is described, never shown: it may
+    hold a password.
+    """
+    import urllib.request
+
+    import httpx
+
+    proxies = urllib.request.getproxies() if context is not None else {}
+    key = (os.getpid(), id(context), _Secret(repr(sorted(proxies.items()))))
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    try:
+        client = httpx.Client(
+            verify=context or True, trust_env=context is not None, follow_redirects=False
+        )
+    except (ImportError, ValueError, httpx.InvalidURL):  # ImportError: socks5:// without socksio
+        return (
+            "the proxy named by HTTPS_PROXY, HTTP_PROXY or ALL_PROXY cannot be used: httpx takes "
+            "http:// and https:// proxies, and socks5:// ones once its SOCKS support is "
+            "installed (pip install 'httpx[socks]')"
+        )
+    while len(_clients) >= _MAX_CLIENTS:
+        _clients.pop(next(iter(_clients)), None)
+    _clients[key] = client
+    return client
+
+
+#: What each step that httpx's ``trace`` extension reports starts, once the way to
+#: the endpoint is open (until then, through a proxy, every step is "tunnel").
+_STAGES: Final = {
+    "connect_tcp": "connect",  # the name lookup too
+    "start_tls": "tls",
+    "send_request_headers": "send",
+    "send_request_body": "sent",  # the form is being written: the attempt counts
+    "receive_response_headers": "answer",
+}
+
+
+class _Exchange:
+    """One attempt of the token request on httpx, under a hard deadline.
+
+    httpx bounds each read and write, not the whole exchange: an endpoint that
+    drips one header byte a second keeps it going for ever. So the request runs
+    in a daemon thread that the caller waits for until the deadline. httpx's
+    ``trace`` extension reports each network stream it opens and the stage
+    reached; at the deadline the streams' sockets are shut down, which ends the
+    worker's read or write at once. A name lookup cannot be interrupted: its
+    worker is left to finish alone, and a stream it opens afterwards is closed
+    as soon as it is reported, before anything is sent on it. Nor can a TLS
+    handshake under way (``ssl`` holds its socket until it ends): httpx's
+    connect timeout, a third of ``timeout``, ends that worker soon after.
+    """
+
+    def __init__(self, url: str, timeout: float, trusted: str) -> None:
+        import httpx
+
+        target = httpx.URL(url)
+        self.url, self.timeout, self.trusted = url, timeout, trusted
+        self.host = target.raw_host.decode("ascii")
+        self.authority = _authority(self.host, target.port or _DEFAULT_PORTS[target.scheme])
+        self.stage = "connect"
+        self.proxy: tuple[str, int] | None = None  # when httpx connected to one
+        self.tunnelled = False
+        self.refusal: int | None = None  # the proxy's status for CONNECT, if not 2xx
+        self.done = threading.Event()
+        self.outcome: _Answer | _Failure | None = None
+        self._streams: list[Any] = []
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpx's ``trace`` extension: note each stage as it starts, and each stream."""
+        *_, step, phase = event.split(".")
+        opening = self.proxy is not None and not self.tunnelled  # the way through a proxy
+        if phase == "started" and step == "connect_tcp":
+            peer = (str(info["host"]), int(info["port"]))
+            self.proxy = peer if _authority(*peer) != self.authority else None
+        elif phase == "started":
+            self.stage = "tunnel" if opening else _STAGES.get(step, self.stage)
+        elif phase == "complete" and step in ("connect_tcp", "start_tls"):
+            with self._lock:
+                abandoned = self._abandoned
+                if not abandoned:
+                    self._streams.append(info["return_value"])
+            if abandoned:  # the deadline passed while it was opened (a name lookup, say)
+                info["return_value"].close()  # this is the worker's thread: close, and stop
+                raise TimeoutError("this attempt's deadline has passed")
+        elif phase == "complete" and step == "setup_socks5_connection":
+            self.tunnelled = True
+        elif phase == "complete" and step == "receive_response_headers" and opening:
+            status = int(info["return_value"][1])  # the proxy's answer to CONNECT
+            self.tunnelled = 200 <= status < 300
+            self.refusal = None if self.tunnelled else status
+
+    def run(self, client: httpx.Client, form: _Secret) -> None:
+        """The worker: POST the form and read the answer; keep the outcome unless abandoned."""
+        import httpx
+
+        outcome: _Answer | _Failure
+        try:
+            with client.stream(
+                "POST",
+                self.url,
+                content=form.value.encode(),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                    "User-Agent": f"edrv-auth/{__version__}",
+                    "Connection": "close",  # each attempt its own connection, and its socket
+                },
+                timeout=httpx.Timeout(self.timeout, connect=self.timeout * _CONNECT_SHARE),
+                extensions={"trace": self.trace},
+            ) as response:
+                outcome = _Answer(response.status_code, response.headers, _read_body(response))
+        except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, told by `failure`
+            outcome = self.failure(exc)
+        with self._lock:
+            if not self._abandoned:
+                self.outcome = outcome
+        self.done.set()
+
+    def result(self) -> _Answer | _Failure:
+        """Wait for the worker until the deadline, ``timeout`` seconds away; then end it."""
+        self.done.wait(self.timeout)
+        with self._lock:
+            self._abandoned = True
+            outcome, streams = self.outcome, list(self._streams)
+        for stream in streams if outcome is None else ():
+            _shut_down(stream)
+        return outcome or self.failure(None)
+
+    def failure(self, exc: BaseException | None) -> _Failure:
+        """What ended the attempt: ``exc`` raised in the worker, or the deadline (``None``).
+
+        Only an attempt that got to write its form counts towards the rate cap.
+        A certificate or a proxy's refusal is final, anything else retried.
+        """
+        import ssl
+
+        import httpx
+
+        proxy = f"the proxy {_authority(*self.proxy)}" if self.proxy else ""
+        certificate = next(
+            (e for e in _chain(exc) if isinstance(e, ssl.SSLCertVerificationError)), None
+        )
+        if certificate is not None:
+            message = _certificate_error(self, proxy if self.stage == "tunnel" else "", certificate)
+        elif self.refusal is not None:
+            message = _refused(proxy, self.authority, self.host, self.refusal)
+        elif self.stage == "answer" and (exc is None or isinstance(exc, httpx.TimeoutException)):
+            message = (
+                f"the token endpoint {self.url} did not answer in time "
+                f"(timed out after {self.timeout:g} s)"
+            )
+        elif self.stage == "answer":
+            message = (
+                f"the token endpoint {self.url} closed the connection or sent a malformed or "
+                f"incomplete answer ({type(exc).__name__})"
+            )
+        else:
+            why = "timed out" if exc is None else _network_error_text(exc)
+            message = {
+                "connect": f"could not reach {proxy or f'the token endpoint {self.url}'}: {why} "
+                f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})",
+                "tunnel": f"{proxy} failed to open a tunnel to {self.authority}: {why}",
+                "tls": f"the TLS handshake with the token endpoint {self.url} failed: {why}",
+            }.get(self.stage, f"the token request to {self.url} failed: {why}")
+        final = certificate is not None or (self.refusal is not None and self.refusal < 500)
+        reached = self.stage in ("sent", "answer")  # the form may have been written
+        return _Failure(TokenRequestError(message), reached=reached, retry=not final)
+
+
+def _shut_down(stream: Any) -> None:
+    """End every read and write on one of httpx's network streams at once."""
+    sock = stream.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed, or wrapped by TLS since
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _certificate_error(exchange: _Exchange, proxy: str, exc: ssl.SSLCertVerificationError) -> str:
+    """Why a certificate failed verification, whose it was (the endpoint's, or an
+    ``https://`` ``proxy``'s), and how to fix it."""
     reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
+    who = proxy or f"the token endpoint {exchange.url}"
     if exc.verify_code in _NAME_MISMATCH:
-        message = (
-            f"the certificate of the token endpoint {url} is not valid for {host} "
-            f"(hostname mismatch: {reason}); check {_ENV_TOKEN_URL}"
+        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else _ENV_TOKEN_URL
+        host = exchange.proxy[0] if exchange.proxy and proxy else exchange.host
+        return (
+            f"the certificate of {who} is not valid for {host} "
+            f"(hostname mismatch: {reason}); check {setting}"
         )
-    else:
-        message = (
-            f"the certificate of the token endpoint {url} is not trusted ({reason}; "
-            f"trusted here: {trusted}): {_TRUST_HINT}"
+    if exc.verify_code == _EXPIRED:
+        return (
+            f"the certificate of {who} has expired ({reason}): unless this machine's clock "
+            "is wrong, its owner must renew it"
         )
-    # A retry cannot fix trust, and nothing reached the endpoint.
-    return _Failure(TokenRequestError(message), reached=False, retry=False)
+    # httpx checks an https:// proxy against certifi and the system's store, not ours.
+    trusted = "certifi's bundle and the system's store" if proxy else exchange.trusted
+    return (
+        f"the certificate of {who} is not trusted ({reason}; trusted here: {trusted}): "
+        f"{_TRUST_HINT}"
+    )
 
 
-def _network_failure(
-    url: str, where: str, stage: str, exc: BaseException, timeout: float
-) -> _Failure:
-    """A connection, TLS or HTTP failure at ``stage`` of an attempt."""
-    import http.client
+def _refused(proxy: str, authority: str, host: str, status: int) -> str:
+    """A proxy's error answer to ``CONNECT``: its 5xx (it could not reach the endpoint,
+    which may pass) named as its own, its 4xx (its policy or credentials) with the fix."""
+    import httpx
 
-    reached = stage in ("send", "answer")  # the form may have been sent
-    if isinstance(exc, http.client.RemoteDisconnected):
-        message = f"the token endpoint {url} closed the connection without answering"
-    elif isinstance(exc, http.client.HTTPException):
-        message = (
-            f"the token endpoint {url} sent a malformed or incomplete answer ({type(exc).__name__})"
+    answer = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
+    if status >= 500:
+        return (
+            f"{proxy} could not open a tunnel to {authority}: {answer} "
+            "(the proxy's answer, not the token endpoint's)"
         )
-    elif stage == "answer" and isinstance(exc, TimeoutError):
-        message = f"the token endpoint {url} did not answer in time (timed out after {timeout:g} s)"
-    elif stage == "tls":
-        message = f"the TLS handshake with the token endpoint {url} failed: {_describe(exc)}"
-    elif stage == "tunnel":
-        message = f"the proxy for {url} failed to open a tunnel: {_describe(exc)}"
-    elif reached:
-        message = f"the token request to {url} failed: {_describe(exc)}"
-    else:
-        message = (
-            f"could not reach {where}: {_describe(exc)} "
-            f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})"
-        )
-    return _Failure(TokenRequestError(message), reached=reached, retry=True)
+    fix = (
+        "check the user name and password in HTTPS_PROXY or ALL_PROXY"
+        if status == 407
+        else f"add {host} to NO_PROXY if it must be reached directly"
+    )
+    return f"{proxy} refused the tunnel to {authority}: {answer} ({fix})"
 
 
-def _read_body(response: Any) -> bytes:
-    """Read at most `_MAX_BODY` bytes (the socket's deadline bounds the whole read)."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < _MAX_BODY:
-        chunk = response.read1(_MAX_BODY - size)
-        if not chunk:
+def _read_body(response: httpx.Response) -> bytes:
+    """The answer's body, decoded, cut at `_MAX_BODY` bytes (the deadline bounds the read)."""
+    body = b""
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= _MAX_BODY:
             break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
+    return body[:_MAX_BODY]
 
 
 def _post(
     url: str, form: _Secret, timeout: float, verify: bool | str | ssl.SSLContext
 ) -> _Answer | _Failure:
-    """POST ``form`` to ``url``; return the answer (body capped), or why there is none.
+    """POST ``form`` to ``url`` with httpx; return the answer (body capped), or why there is none.
 
-    Every step (name lookup, connect, proxy tunnel, TLS handshake, sending, the
-    status line, headers and body) ends by one deadline ``timeout`` seconds
-    away, however slowly the bytes come. Never raises for a network failure:
-    the exceptions of the standard library's frames (which hold the form) are
-    turned into a `_Failure` here, and not chained to the error raised later.
+    httpx does HTTP, TLS and proxies; `_Exchange` ends the whole attempt (name
+    lookup, connect, tunnel, TLS handshake, request, answer) by one deadline
+    ``timeout`` seconds away, however slowly the bytes come. Never raises for a
+    network failure: httpx's exceptions, whose frames hold the form, stay in
+    the worker thread and become a `_Failure`, chained to nothing when raised.
     """
-    import http.client
-    import ssl
-
-    deadline = time.monotonic() + timeout
-    scheme, host, port = _origin(url)
-    parts = urllib.parse.urlsplit(url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    proxy = _proxy_for(scheme, host, port)
-    if isinstance(proxy, str):
-        return _Failure(TokenRequestError(proxy), reached=False, retry=False)
-    context: ssl.SSLContext | None = None
     trusted = ""
-    if scheme == "https":
+    context: ssl.SSLContext | None = None
+    if urllib.parse.urlsplit(url).scheme.lower() == "https":
         trust = _trust(verify)
         if isinstance(trust, str):
             return _Failure(TokenRequestError(trust), reached=False, retry=False)
         context, trusted = trust
-    elif proxy is not None:
-        target = url  # plain http through a proxy: the request names the whole URL
-    if proxy is not None:
-        _log.debug("token request through the proxy %s", proxy.label)
-    where = f"the token endpoint {url}" if proxy is None else f"the proxy {proxy.label}"
-    stage = "connect"
-    sockets: list[socket.socket] = []
-    failure: _Failure | None = None
-    try:
-        sockets.append(_connect(proxy or (host, port), deadline))
-        if proxy is not None and context is not None:
-            stage = "tunnel"
-            failure = _tunnel(sockets[-1], proxy, host, port, deadline)
-        if failure is None and context is not None:
-            stage = "tls"
-            tls = context.wrap_socket(
-                sockets[-1], server_hostname=host, do_handshake_on_connect=False
-            )
-            sockets.append(tls)
-            tls.settimeout(_left(deadline))
-            tls.do_handshake()
-        if failure is None:
-            stage = "send"
-            connection = http.client.HTTPConnection(host, port)
-            connection.set_debuglevel(0)  # a global HTTPConnection.debuglevel would print the form
-            connection.sock = _DeadlineSocket(sockets[-1], deadline)
-            connection.request(
-                "POST",
-                target,
-                body=form.value.encode(),
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Accept": "application/json",
-                    "User-Agent": f"edrv-auth/{__version__}",
-                    "Connection": "close",
-                    **_proxy_header(proxy if context is None else None),
-                },
-            )
-            stage = "answer"
-            response = connection.getresponse()
-            return _Answer(response.status, response.headers, _read_body(response))
-    except ssl.SSLCertVerificationError as exc:
-        failure = _untrusted_certificate(url, host, exc, trusted)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        failure = _network_failure(url, where, stage, exc, timeout)
-    finally:
-        for opened in reversed(sockets):
-            opened.close()
-    if failure is None:  # pragma: no cover - every path above returns or sets it
-        raise AssertionError("no answer and no failure")
-    return failure
+    client = _client(context)
+    if isinstance(client, str):
+        return _Failure(TokenRequestError(client), reached=False, retry=False)
+    exchange = _Exchange(url, timeout, trusted)
+    threading.Thread(
+        target=exchange.run, args=(client, form), name="edrv_auth-token-request", daemon=True
+    ).start()
+    return exchange.result()
 
 
-def _content_type(headers: email.message.Message) -> str:
-    return _clean(headers.get_content_type(), limit=64)
+def _content_type(headers: httpx.Headers) -> str:
+    """The media type of an answer, as ``email`` reads it (``text/plain`` when absent or odd)."""
+    value = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    return _clean(value if value.count("/") == 1 else "text/plain", limit=64)
 
 
 def _parse_token(answer: _Answer, obtained_at: float, redactor: _Redactor) -> _Token | str:
@@ -1265,7 +1213,25 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return exponential * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
 
 
-def _judge(url: str, answer: _Answer, redactor: _Redactor, obtained_at: float) -> _Token | _Failure:
+def _after_attempts(
+    error: TokenRequestError, attempts: int, seconds: float, timeout: float
+) -> TokenRequestError:
+    """``error``, the last attempt's, saying how hard the request tried when it retried.
+
+    ``timeout`` bounds each attempt, not the whole request: the message says both.
+    """
+    if attempts < 2:
+        return error
+    return TokenRequestError(
+        f"{error} ({attempts} attempts over {seconds:.1f} s, each limited to {timeout:g} s)",
+        error.status_code,
+        error.error,
+    )
+
+
+def _token_or_failure(
+    url: str, answer: _Answer, redactor: _Redactor, obtained_at: float
+) -> _Token | _Failure:
     """The token in a 2xx answer, or the failure any other answer means."""
     status = answer.status
     if 200 <= status < 300:
@@ -1357,7 +1323,7 @@ class _TokenEndpoint:
             answer = _post(self.url, self.form(), self.timeout, self.verify)
             if isinstance(answer, _Answer):
                 sent.append(obtained_at)
-                outcome = _judge(self.url, answer, redactor, obtained_at)
+                outcome = _token_or_failure(self.url, answer, redactor, obtained_at)
                 if isinstance(outcome, _Token):
                     return outcome, sent
             else:
@@ -1370,7 +1336,9 @@ class _TokenEndpoint:
                 or attempt >= attempts
                 or _clock.monotonic() - started + delay + self.timeout > _FETCH_DEADLINE
             ):
-                return outcome.error, sent
+                return _after_attempts(
+                    outcome.error, attempt, _clock.monotonic() - started, self.timeout
+                ), sent
             _log.debug(
                 "token request failed (%s); retrying in %.2f s", outcome.error.status_code, delay
             )
@@ -2682,32 +2650,37 @@ def _is_text(value: str) -> bool:
     return True
 
 
-#: Whether `_require_filelock` found filelock in this process (a list, so that
-#: the function needs no ``global``).
-_filelock_found: list[bool] = []
+#: Whether `_require_packages` found what client credentials need, in this
+#: process (a list, so that the function needs no ``global``).
+_packages_found: list[bool] = []
 
 
-def _require_filelock() -> None:
-    """Refuse client-credentials mode at once when ``filelock`` cannot be imported.
+def _require_packages() -> None:
+    """Refuse client-credentials mode at once when ``filelock`` or ``httpx`` is missing.
 
-    The vendored file may land where filelock is missing; without this check a
-    warm cache would work until the first renewal, which then died with a
-    ModuleNotFoundError. Finding the module is cheaper than importing it, but
-    not free (a walk of sys.path): once found, it is not looked for again.
+    The token cache needs filelock, and the token request httpx. The vendored
+    file may land where one is missing; without this check a warm cache would
+    work until the first renewal, which then died with a ModuleNotFoundError.
+    Finding a module is cheaper than importing it, but not free (a walk of
+    sys.path): once found, they are not looked for again.
     """
-    if _filelock_found or sys.modules.get("filelock") is not None:
+    if _packages_found:
         return
     import importlib.util
 
-    try:
-        found = importlib.util.find_spec("filelock") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules["filelock"] is None
-        found = False
-    if not found:
+    missing = {}
+    for name, purpose in (("filelock", "its token cache"), ("httpx", "the token request")):
+        try:
+            found = sys.modules.get(name) is not None or importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
+            found = False
+        if not found:
+            missing[name] = f"{name} for {purpose}"
+    if missing:
         raise EdrvAuthError(
-            "edrv_auth needs the filelock package for its token cache: pip install filelock"
+            f"edrv_auth needs {' and '.join(missing.values())}: pip install {' '.join(missing)}"
         )
-    _filelock_found.append(True)
+    _packages_found.append(True)
 
 
 def _has_userinfo(url: str) -> bool:
@@ -2745,6 +2718,45 @@ def _checked_url(name: str, url: str) -> str:
     return url
 
 
+#: A host name as resolvers and certificates take it: labels of letters, digits,
+#: ``-`` and ``_`` (which some internal names use), none empty, none over 63.
+_HOST_NAME: Final = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
+
+
+def _checked_token_url(url: str) -> str:
+    """Validate ``token_url`` as `_checked_url` does, and as httpx will send it.
+
+    What httpx would refuse, or send to a host no resolver takes (an empty
+    label, a space, a character IDNA rejects), is refused now, in one line that
+    does not echo it, and so is whitespace around it (a newline read from a
+    file). A non-ASCII host is sent in its IDNA form and a non-ASCII path
+    percent-encoded, as httpx does. A trailing dot is dropped: certificates
+    name a host without it.
+    """
+    url = _checked_url("token_url", url)
+    if url != url.strip() or not url.isprintable():
+        raise EdrvAuthError(
+            "token_url (or EDRV_TOKEN_URL) has spaces or control characters around or in it "
+            "(a newline read from a file?)"
+        )
+    try:
+        import httpx
+    except ImportError:  # API-key mode without httpx: no token request will send it
+        return url
+    try:
+        parsed: httpx.URL | None = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    host = parsed.raw_host.decode("ascii") if parsed is not None else ""
+    name = host.removesuffix(".")
+    # An IPv6 address (with ":") httpx has checked already; a name, not.
+    if ":" not in host and (len(name) > 253 or not _HOST_NAME.fullmatch(name)):
+        raise EdrvAuthError(
+            "token_url (or EDRV_TOKEN_URL) cannot be sent: its host is not a valid host name"
+        )
+    return str(parsed.copy_with(host=name)) if parsed is not None and name != host else url
+
+
 def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
     """Validate ``verify``: ``True``, a CA bundle file or folder, or a verifying SSLContext.
 
@@ -2760,7 +2772,7 @@ def _checked_verify(verify: object) -> bool | str | ssl.SSLContext:
         )
     ssl = sys.modules.get("ssl")  # no import: without ssl loaded, it cannot be a context
     if ssl is not None and isinstance(verify, ssl.SSLContext):
-        if verify.verify_mode != ssl.CERT_REQUIRED or not verify.check_hostname:
+        if _loosened(verify):
             raise EdrvAuthError(
                 "verify= is an ssl.SSLContext that does not check certificates and host names "
                 "(verify_mode CERT_REQUIRED, check_hostname True): refused, the token request "
@@ -2998,8 +3010,8 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
             request carries the client secret.
 
     The token request goes through the proxy that ``HTTPS_PROXY`` or
-    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as requests and
-    httpx do, and each attempt ends by ``timeout``.
+    ``ALL_PROXY`` names unless ``NO_PROXY`` excludes the host, as httpx reads
+    them, and each attempt ends by ``timeout``.
 
     An argument you pass wins over its environment variable; an empty
     variable counts as unset. Creating the object sends nothing and writes
@@ -3051,12 +3063,10 @@ class EdrvAuth(_RequestsAuthBase, _HttpxAuthBase):
         credentials = _credentials(client_id, secret, key, strays)
         _report_strays(strays)
         if not isinstance(credentials, _Secret):
-            _require_filelock()  # now, not deep inside the first token request
+            _require_packages()  # now, not deep inside the first token request
         # The signature's defaults are the real URLs, so an argument left at its
         # default is "not given" and its environment variable applies.
-        token_url = _checked_url(
-            "token_url", _setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL)
-        )
+        token_url = _checked_token_url(_setting(token_url, _DEFAULT_TOKEN_URL, _ENV_TOKEN_URL))
         audience = _setting(audience, _DEFAULT_AUDIENCE, _ENV_AUDIENCE)
         if _has_userinfo(audience):
             raise EdrvAuthError("audience must not contain a user name or password")

@@ -74,8 +74,8 @@ def tests(session: nox.Session) -> None:
 def lowest(session: nox.Session) -> None:
     """The test suite on the oldest Python with the lowest allowed direct dependencies.
 
-    The floors are read from pyproject.toml: `requests`, `httpx`, `filelock` and
-    the `redis` extra are each pinned to their `>=` bound.
+    The floors are read from pyproject.toml: `requests`, `httpx`, `httpcore`,
+    `filelock` and the `redis` extra are each pinned to their `>=` bound.
     """
     project = nox.project.load_toml(ROOT / "pyproject.toml")["project"]
     floors = {}

@@ -293,6 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             form = {**form, "client_id": basic[0], "client_secret": basic[1]}
         with fake._lock:
             fake.token_forms.append(form)
+            fake.token_headers.append({name.lower(): value for name, value in self.headers.items()})
             canned = fake._token_queue.popleft() if fake._token_queue else None
         if fake.token_delay > 0:
             time.sleep(fake.token_delay)
@@ -389,6 +390,8 @@ class FakeEdrv:
     api_401s: int
     api_bodies: list[bytes]
     token_forms: list[dict[str, str]]
+    #: The headers of every token request, names lower-cased (what reached the endpoint).
+    token_headers: list[dict[str, str]]
     api_auth_headers: list[str | None]
 
     def __init__(
@@ -499,6 +502,7 @@ class FakeEdrv:
             self.api_401s = 0
             self.api_bodies = []
             self.token_forms = []
+            self.token_headers = []
             self.api_auth_headers = []
 
     def counts(self) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 Every test drives ``EdrvAuth.get_token()`` against the loopback fake and injects the
 failure through the fake itself (canned responses, dropped connections, delays), so
-the real token request (http.client), its deadline and its refusal to follow a redirect
+the real token request (httpx), its deadline and its refusal to follow a redirect
 are exercised.
 Backoff sleeps are recorded by ``no_sleep`` instead of slept; the storm cap's
 window is crossed with the ``clock`` fixture.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import urllib.parse
 from typing import Any
 
@@ -120,9 +121,23 @@ def test_transient_failure_is_retried_three_times(
         _queue_failure(fake, kind)
     exc = _fails(make_auth(), leak_watch)
     assert exc.status_code == status
+    assert re.search(r"\(3 attempts over \d+\.\d s, each limited to 10 s\)$", str(exc))
     assert fake.token_requests == 3
     assert len(no_sleep) == 2
     assert 0 < no_sleep[0] < no_sleep[1]
+
+
+def test_failure_message_says_how_many_attempts_over_how_long() -> None:
+    """The last attempt's error, with the attempts and the time they took: `timeout` bounds
+    each attempt, not the whole request. A single attempt says nothing more."""
+    last = TokenRequestError("the token endpoint did not answer in time", None, None)
+    error = edrv_auth._after_attempts(last, 3, 20.84, 10.0)
+    assert str(error) == (
+        "the token endpoint did not answer in time (3 attempts over 20.8 s, each limited to 10 s)"
+    )
+    assert (error.status_code, error.error) == (None, None)
+    final = TokenRequestError("HTTP 401 access_denied", 401, "access_denied")
+    assert edrv_auth._after_attempts(final, 1, 0.1, 10.0) is final
 
 
 def test_timeout_is_retried_three_times(

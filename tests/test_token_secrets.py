@@ -298,8 +298,12 @@ def test_transport_failures_hold_nothing_secret_in_their_frames(
     assert "did not answer in time" in str(_failure(slow, leak_watch))
     fake.token_delay = 0.0
     password = urllib.parse.quote(SECRET, safe="")
-    monkeypatch.setenv("HTTP_PROXY", f"http://test-user:{password}@127.0.0.1:{closed}")
-    proxied = make_auth(client_secret=SECRET, cache_dir=tmp_path / "proxied")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://test-user:{password}@127.0.0.1:{closed}")
+    proxied = make_auth(
+        token_url="https://localhost:9/oauth/token",
+        client_secret=SECRET,
+        cache_dir=tmp_path / "proxied",
+    )
     message = str(_failure(proxied, leak_watch))
-    assert f"could not reach the proxy http://127.0.0.1:{closed}" in message
+    assert f"could not reach the proxy 127.0.0.1:{closed}" in message
     assert "test-user" not in message

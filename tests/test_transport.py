@@ -14,15 +14,18 @@ to work for the token request.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import pickle
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,14 @@ from conftest import (
 )
 from fake_edrv import FakeEdrv
 from test_leaks import reporter_view
-from transport_helpers import ConnectProxy, DripServer, TestCA
+from transport_helpers import (
+    ConnectProxy,
+    DripServer,
+    RawServer,
+    Socks5Proxy,
+    TestCA,
+    blackhole,
+)
 
 import edrv_auth
 from edrv_auth import EdrvAuth, EdrvAuthError, TokenRequestError
@@ -102,10 +112,16 @@ def _api_call(library: str, auth: EdrvAuth, url: str, verify: Any = None) -> int
         return client.get(url).status_code
 
 
+def _port(server: FakeEdrv) -> int:
+    return int(server.url.rpartition(":")[2])
+
+
 def _cap_record(auth: EdrvAuth) -> tuple[float, ...]:
-    """The token requests counted towards the storm cap, in memory and in the file."""
+    """The token requests counted towards the storm cap, in memory or in the file."""
     state = auth._describe().file_cache.read()
-    return (*auth._describe().remembered.requests, *(state.requests if state else ()))
+    return tuple(
+        sorted({*auth._describe().remembered.requests, *(state.requests if state else ())})
+    )
 
 
 # ---- trust: each route, with requests and with httpx --------------------------------
@@ -288,6 +304,24 @@ def test_untrusted_certificate_names_the_fix_and_is_not_retried_or_counted(
     assert (tls_fake.token_requests, tls_fake.api_requests) == (0, 0)
 
 
+def _refused_certificate(tls: ssl.SSLContext, bundle: Path, cache_dir: Path) -> str:
+    """The error of a token request to a fake serving TLS with ``tls``, trusting ``bundle``:
+    nothing may have reached the fake, nor counted towards the cap."""
+    with FakeEdrv(tls=tls) as server:
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url=server.token_url,
+            cache_dir=cache_dir,
+            verify=str(bundle),
+        )
+        with pytest.raises(TokenRequestError) as info:
+            auth.get_token()
+        assert server.token_requests == 0
+    assert _cap_record(auth) == ()
+    return str(info.value)
+
+
 def test_hostname_mismatch_says_so(
     ca: TestCA, tmp_path: Path, clean_env: Path, no_sleep: list[float]
 ) -> None:
@@ -295,34 +329,93 @@ def test_hostname_mismatch_says_so(
     folder = tmp_path / "other-name"
     folder.mkdir()
     other = TestCA(folder, names=("auth.example",))
-    server = FakeEdrv(tls=other.server_context()).start()
-    try:
-        auth = EdrvAuth(
-            CLIENT_ID,
-            CLIENT_SECRET,
-            token_url=server.token_url,
-            cache_dir=clean_env,
-            verify=str(other.bundle),
-        )
-        with pytest.raises(TokenRequestError, match="hostname mismatch") as info:
-            auth.get_token()
-        assert "not valid for localhost" in str(info.value)
-        assert server.token_requests == 0
-    finally:
-        server.stop()
+    message = _refused_certificate(other.server_context(), other.bundle, clean_env)
+    assert "not valid for localhost (hostname mismatch" in message
     assert no_sleep == []
-    assert _cap_record(auth) == ()
 
 
-def test_bundle_that_does_not_exist_is_named(
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_stale_variable_of_the_other_library_breaks_nothing(
+    make_tls_auth: MakeAuth,
+    tls_fake: FakeEdrv,
+    ca: TestCA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    leak_watch: LeakWatch,
+    library: str,
+) -> None:
+    """A leftover variable naming a file that is gone, of the library the caller does not use
+    (requests never reads SSL_CERT_FILE, httpx never reads REQUESTS_CA_BUNDLE): the token
+    request works as the caller's own requests do, and says once in the log what it skipped."""
+    stale = tmp_path / "gone.pem"
+    own, other = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")[:: 1 if library == "requests" else -1]
+    monkeypatch.setenv(own, str(ca.bundle))
+    monkeypatch.setenv(other, str(stale))
+    auth = make_tls_auth()
+    assert _api_call(library, auth, f"{tls_fake.url}/v1.1/x") == 200
+    auth.clear()
+    assert make_tls_auth().get_token()  # a second token request: no second log line
+    skipped = [m for m in leak_watch.messages if "does not exist" in m]
+    assert skipped == [f"{other} names {stale}, which does not exist: not trusted"]
+    assert tls_fake.token_requests == 2
+
+
+def test_only_missing_bundles_named_means_certifi(
+    make_tls_auth: MakeAuth, tls_fake: FakeEdrv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When every variable names a missing file, the default applies: certifi's bundle."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "gone.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "gone"))
+    with pytest.raises(TokenRequestError, match="not trusted") as info:
+        make_tls_auth().get_token()
+    assert "trusted here: certifi " in str(info.value)
+    assert tls_fake.token_requests == 0
+
+
+def test_expired_certificate_is_called_expired(
+    ca: TestCA, clean_env: Path, no_sleep: list[float]
+) -> None:
+    """A certificate past its end date: "has expired", not "not trusted"; final, not counted."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    expired = _tls(ca, "localhost", not_before=now - 2 * day, not_after=now - day)
+    message = _refused_certificate(expired, ca.bundle, clean_env)
+    assert "has expired" in message
+    assert "not trusted" not in message
+    assert no_sleep == []
+
+
+def test_bundle_that_cannot_be_loaded_is_named(
     make_tls_auth: MakeAuth, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A variable naming a missing bundle: the error names the variable and the path."""
-    missing = tmp_path / "no-such-bundle.pem"
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(missing))
+    """A variable naming a file that is not a CA bundle: the error names the variable and path."""
+    garbage = tmp_path / "not-a-bundle.pem"
+    garbage.write_text("not a certificate\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(garbage))
     with pytest.raises(TokenRequestError, match="cannot load the CA certificates") as info:
         make_tls_auth().get_token()
-    assert f"REQUESTS_CA_BUNDLE={missing}" in str(info.value)
+    assert f"REQUESTS_CA_BUNDLE={garbage}" in str(info.value)
+
+
+@pytest.mark.parametrize("trusted", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_requests_ca_bundle_wins_over_curl_ca_bundle(
+    make_tls_auth: MakeAuth,
+    ca: TestCA,
+    stranger: TestCA,
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: str,
+) -> None:
+    """Both set, as requests reads them: REQUESTS_CA_BUNDLE is used and CURL_CA_BUNDLE is not."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(variable, str(ca.bundle if variable == trusted else stranger.bundle))
+    auth = make_tls_auth()
+    if trusted == "REQUESTS_CA_BUNDLE":
+        assert auth.get_token()
+    else:
+        with pytest.raises(TokenRequestError, match="not trusted"):
+            auth.get_token()
 
 
 # ---- verify=: what is refused, and pickling --------------------------------------------
@@ -356,6 +449,23 @@ def test_context_that_does_not_verify_is_refused() -> None:
     lax.verify_mode = ssl.CERT_NONE
     with pytest.raises(EdrvAuthError, match="does not check certificates"):
         EdrvAuth(CLIENT_ID, CLIENT_SECRET, verify=lax)
+
+
+def test_context_loosened_after_construction_is_refused_when_the_request_is_made(
+    make_tls_auth: MakeAuth,
+    tls_fake: FakeEdrv,
+    ca: TestCA,
+    no_sleep: list[float],
+) -> None:
+    """A context that stops checking host names after construction is refused at the token
+    request: nothing is sent, nothing retried, nothing counted."""
+    context = ca.client_context()
+    auth = make_tls_auth(verify=context)
+    context.check_hostname = False
+    with pytest.raises(TokenRequestError, match="no longer checks certificates") as info:
+        auth.get_token()
+    assert info.value.status_code is None
+    assert (tls_fake.token_requests, no_sleep, _cap_record(auth)) == (0, [], ())
 
 
 def test_construction_with_verify_sends_and_builds_nothing(
@@ -412,76 +522,65 @@ def test_proxy_variable_routes_the_token_request_through_a_tunnel(
     assert (tls_fake.token_requests, tls_fake.api_requests) == (1, 1)
 
 
-@pytest.mark.parametrize("library", LIBRARIES)
-@pytest.mark.parametrize("no_proxy", ["localhost", "*", ".localhost", "127.0.0.1"])
+#: NO_PROXY as the token request reads it: (the token endpoint's host, NO_PROXY, whether
+#: httpx then connects directly, whether requests does). The token request goes through
+#: httpx, so it follows httpx where the two libraries differ (the README says so).
+NO_PROXY_CASES = [
+    ("localhost", "localhost", True, True),
+    ("localhost", "LOCALHOST", True, True),
+    ("localhost", "example.com, localhost", True, True),
+    ("localhost", "localhost:{port}", True, True),
+    ("localhost", "localhost:1", False, False),
+    ("localhost", "*", True, True),
+    ("localhost", "127.0.0.1", False, False),  # an address excludes that address, not a name
+    ("127.0.0.1", "127.0.0.1", True, True),
+    # Where they differ:
+    ("localhost", ".localhost", False, True),  # httpx: subdomains only; requests: the domain too
+    ("localhost", "example.com, *", True, False),  # requests honours "*" only as the whole value
+    ("127.0.0.1", "127.0.0.0/8", False, True),  # httpx reads no networks, only addresses
+]
+
+
+@pytest.mark.parametrize(("host", "no_proxy", "httpx_direct", "requests_direct"), NO_PROXY_CASES)
 @pytest.mark.usefixtures("ca_in_env")
-def test_no_proxy_naming_the_host_goes_direct(
-    make_tls_auth: MakeAuth,
+def test_no_proxy_is_read_as_httpx_reads_it(
     tls_fake: FakeEdrv,
     proxy: ConnectProxy,
+    clean_env: Path,
     monkeypatch: pytest.MonkeyPatch,
-    library: str,
+    host: str,
     no_proxy: str,
+    httpx_direct: bool,
+    requests_direct: bool,
 ) -> None:
-    """NO_PROXY naming the token endpoint's host: no tunnel, for us as for the library.
-
-    An address excludes that address only, not the name "localhost": everyone tunnels. The
-    libraries disagree on ".localhost" (requests ignores the dot, httpx reads "subdomains
-    only"); the token request follows requests and curl.
-    """
+    """The token request tunnels, or not, exactly as httpx's own request to the same URL."""
+    url = tls_fake.url.replace("localhost", host)
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-    monkeypatch.setenv("ALL_PROXY", proxy.url)
-    # requests honours "*" only as the whole value
-    monkeypatch.setenv("NO_PROXY", no_proxy if no_proxy == "*" else f"example.com, {no_proxy}")
-    auth = make_tls_auth()
-    auth.get_token()
-    tunnelled = no_proxy == "127.0.0.1"
-    assert len(proxy.tunnels) == tunnelled
-    assert _api_call(library, auth, f"{tls_fake.url}/v1.1/x") == 200
-    library_tunnelled = tunnelled or (no_proxy == ".localhost" and library == "httpx")
-    assert len(proxy.tunnels) == tunnelled + library_tunnelled
+    monkeypatch.setenv("NO_PROXY", no_proxy.format(port=url.rpartition(":")[2]))
+    auth = EdrvAuth(
+        CLIENT_ID, CLIENT_SECRET, token_url=f"{url}/oauth/token", api_url=url, cache_dir=clean_env
+    )
+    direct = []
+    for call in (
+        auth.get_token,
+        *(lambda lib=lib: _api_call(lib, auth, url + "/v1") for lib in LIBRARIES),
+    ):
+        tunnels = len(proxy.tunnels)
+        call()
+        direct.append(len(proxy.tunnels) == tunnels)
+    assert direct == [httpx_direct, requests_direct, httpx_direct]
     assert tls_fake.token_requests == 1
 
 
-@pytest.mark.parametrize(
-    ("no_proxy", "bypassed"),
-    [
-        ("", False),
-        ("*", True),
-        ("auth.edrv.io", True),
-        ("AUTH.EDRV.IO", True),
-        ("edrv.io", True),
-        (".edrv.io", True),
-        ("*.edrv.io", True),
-        (".auth.edrv.io", True),
-        ("v.io", False),
-        ("dv.io", False),
-        ("other.example, edrv.io:443", True),
-        ("edrv.io:8443", False),
-        ("10.0.0.0/8", False),
-    ],
-)
-def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
-    """NO_PROXY matches a domain and its subdomains, with an optional port, and '*'."""
-    assert edrv_auth._no_proxy("auth.edrv.io", 443, no_proxy) is bypassed
-
-
-def test_no_proxy_matches_addresses_and_networks() -> None:
-    """NO_PROXY entries that are IP addresses or networks match addresses inside them."""
-    assert edrv_auth._no_proxy("10.1.2.3", 443, "10.0.0.0/8")
-    assert edrv_auth._no_proxy("::1", 443, "::1")
-    assert edrv_auth._no_proxy("::1", 8443, "[::1]:8443")
-    assert not edrv_auth._no_proxy("11.1.2.3", 443, "10.0.0.0/8")
-
-
-def test_proxy_credentials_are_sent_and_never_shown(
+def test_proxy_credentials_are_sent_to_the_proxy_only_and_never_shown(
     make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
     leak_watch: LeakWatch,
 ) -> None:
-    """A proxy URL with a user and password sends Proxy-Authorization; nothing shows them."""
+    """A proxy URL with a user and password sends Proxy-Authorization on CONNECT, never to the
+    token endpoint through the tunnel; a wrong one is named a 407, and nothing shows them."""
     password = "test-proxy-password-canary-71f0"
     leak_watch.secrets.add(password)
     with ConnectProxy(credentials=f"test-user:{password}") as guarded:
@@ -490,77 +589,295 @@ def test_proxy_credentials_are_sent_and_never_shown(
         assert auth.get_token()
         assert guarded.tunnels == [tls_fake.url.removeprefix("https://")]
         assert guarded.authorizations[0] is not None
+        assert [h for h in tls_fake.token_headers[0] if h.startswith("proxy-")] == []
         monkeypatch.setenv("HTTPS_PROXY", guarded.url.replace(password, "test-wrong-password"))
         auth.clear()
         with pytest.raises(TokenRequestError) as info:
             auth.get_token()
     message = str(info.value)
-    assert "refused the tunnel" in message
-    assert "407" in message
+    assert f"the proxy 127.0.0.1:{guarded.port} refused the tunnel" in message
+    assert "HTTP 407 Proxy Authentication Required" in message
+    assert "check the user name and password in HTTPS_PROXY" in message
     assert "test-user" not in message
     assert "test-wrong-password" not in message
     assert leak_watch.leaks(message, repr(auth)) == []
 
 
-@pytest.mark.parametrize("status", [403, 407])
-def test_proxy_refusing_the_tunnel_says_so_and_is_not_retried(
+@pytest.mark.parametrize(
+    ("status", "said", "attempts"),
+    [
+        (
+            403,
+            "refused the tunnel to {authority}: HTTP 403 Forbidden (add localhost to NO_PROXY",
+            1,
+        ),
+        (407, "refused the tunnel to {authority}: HTTP 407 Proxy Authentication Required", 1),
+        (502, "could not open a tunnel to {authority}: HTTP 502 Bad Gateway (the proxy's", 3),
+    ],
+)
+def test_proxy_error_on_connect_is_named_the_proxys_and_retried_only_if_5xx(
     make_tls_auth: MakeAuth,
     tls_fake: FakeEdrv,
     ca: TestCA,
     monkeypatch: pytest.MonkeyPatch,
     no_sleep: list[float],
     status: int,
+    said: str,
+    attempts: int,
 ) -> None:
-    """A proxy answering CONNECT with 403/407: "refused the tunnel", final and not counted."""
+    """A proxy answering CONNECT with an error: its answer, not the endpoint's, and never
+    counted (the form never left). A 4xx (its policy, its credentials) is final; a 5xx
+    (it could not reach the endpoint) may pass, and is retried."""
     with ConnectProxy(refuse=status) as refusing:
         monkeypatch.setenv("HTTPS_PROXY", refusing.url)
         auth = make_tls_auth(verify=str(ca.bundle))
         with pytest.raises(TokenRequestError) as info:
             auth.get_token()
-    message = str(info.value)
-    assert f"the proxy http://127.0.0.1:{refusing.port} refused the tunnel" in message
-    assert f"HTTP {status}" in message
-    assert "could not reach" not in message
-    assert no_sleep == []
+    authority = tls_fake.url.removeprefix("https://")
+    assert str(info.value).startswith(f"the proxy 127.0.0.1:{refusing.port} ")
+    assert said.format(authority=authority) in str(info.value)
+    assert info.value.status_code is None  # the endpoint said nothing
+    assert (refusing.connections, len(no_sleep)) == (attempts, attempts - 1)
     assert _cap_record(auth) == ()
     assert tls_fake.token_requests == 0
 
 
-def test_unsupported_proxy_scheme_is_named(
-    make_tls_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.usefixtures("ca_in_env")
+def test_https_proxy_is_used(
+    make_tls_auth: MakeAuth, tls_fake: FakeEdrv, ca: TestCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A socks5:// ALL_PROXY fails clearly, naming what is supported (not a hang)."""
+    """An https:// proxy: TLS to the proxy, then TLS to the endpoint inside the tunnel. httpx
+    checks the proxy's certificate against certifi and the system's store, which
+    SSL_CERT_FILE extends (set here by ``ca_in_env``)."""
+    with ConnectProxy(tls=ca.server_context()) as secure:
+        monkeypatch.setenv("HTTPS_PROXY", secure.url)
+        assert make_tls_auth().get_token() in tls_fake.issued_tokens
+    assert secure.tunnels == [tls_fake.url.removeprefix("https://")]
+
+
+@pytest.mark.usefixtures("ca_in_env")
+def test_socks_proxy_is_used(
+    make_tls_auth: MakeAuth, tls_fake: FakeEdrv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socks5:// ALL_PROXY carries the token request (httpx[socks] installed)."""
+    pytest.importorskip("socksio", reason="httpx's SOCKS support (pip install 'httpx[socks]')")
+    with Socks5Proxy() as socks:
+        monkeypatch.setenv("ALL_PROXY", socks.url)
+        assert make_tls_auth().get_token() in tls_fake.issued_tokens
+    assert socks.targets == [tls_fake.url.removeprefix("https://")]
+
+
+def test_socks_proxy_without_httpx_socks_says_what_to_install(
+    make_tls_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch, no_sleep: list[float]
+) -> None:
+    """Without socksio, a socks5:// proxy fails at once, saying what to install, and never
+    showing the proxy's password."""
+    monkeypatch.setitem(sys.modules, "socksio", None)  # `import socksio` now fails
     monkeypatch.setenv("ALL_PROXY", "socks5://test-user:test-pw@127.0.0.1:1080")
-    with pytest.raises(TokenRequestError, match="http:// proxies only") as info:
+    with pytest.raises(TokenRequestError, match=r"pip install 'httpx\[socks\]'") as info:
         make_tls_auth().get_token()
     assert "test-pw" not in str(info.value)
+    assert no_sleep == []
 
 
-def test_plain_http_token_url_goes_through_http_proxy(
-    fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch, test_clock: Clock
+def test_proxy_httpx_cannot_use_is_named_not_shown(
+    make_tls_auth: MakeAuth, monkeypatch: pytest.MonkeyPatch, no_sleep: list[float]
 ) -> None:
-    """An http:// (loopback) token URL goes through HTTP_PROXY as a forwarded request."""
-    forwarded: list[str] = []
+    """A proxy URL of a scheme httpx does not speak fails at once, without showing it."""
+    monkeypatch.setenv("HTTPS_PROXY", "ftp://test-user:test-pw@127.0.0.1:21")
+    with pytest.raises(
+        TokenRequestError, match="HTTPS_PROXY, HTTP_PROXY or ALL_PROXY cannot"
+    ) as info:
+        make_tls_auth().get_token()
+    assert "test-pw" not in str(info.value)
+    assert no_sleep == []
 
-    class Forwarding(ConnectProxy):
-        def _serve(self, conn: Any) -> None:
-            from transport_helpers import _read_head
 
-            head = _read_head(conn)
-            forwarded.append(head.split(b" ", 2)[1].decode())
-            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-
-    relay = Forwarding().start()
-    try:
+def test_plain_http_token_url_never_goes_through_a_proxy(
+    fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An http:// (loopback) token URL is sent directly, whatever HTTP_PROXY or ALL_PROXY
+    say: a proxy would get the client secret in clear."""
+    with ConnectProxy() as relay:
         monkeypatch.setenv("HTTP_PROXY", relay.url)
+        monkeypatch.setenv("ALL_PROXY", relay.url)
         auth = EdrvAuth(CLIENT_ID, CLIENT_SECRET, token_url=fake.token_url, cache_dir=clean_env)
-        test_clock.slept = []  # no backoff waits
-        with pytest.raises(TokenRequestError, match="HTTP 503"):
+        assert auth.get_token() in fake.issued_tokens
+    assert relay.connections == 0
+    assert fake.token_requests == 1
+
+
+def test_one_client_per_trust_and_proxy_configuration(
+    make_tls_auth: MakeAuth, tls_fake: FakeEdrv, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token requests with the same trust and proxies share one httpx client; another proxy
+    setting gets its own."""
+    monkeypatch.setattr(edrv_auth, "_clients", {})
+    auth = make_tls_auth(verify=str(ca.bundle))
+    auth.get_token()
+    auth.clear()
+    auth.get_token()
+    assert len(edrv_auth._clients) == 1
+    with ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        auth.clear()
+        auth.get_token()
+    assert len(edrv_auth._clients) == 2
+    assert tls_fake.token_requests == 3
+
+
+# ---- what goes on the wire: hosts, paths, answers ----------------------------------------
+
+
+def _token_through_a_router(
+    server: FakeEdrv, ca: TestCA, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> list[str]:
+    """Get a token for ``url`` through a CONNECT proxy that routes every tunnel to ``server``
+    (so that a test can ask for port 443, or for any name); the tunnels the proxy opened."""
+    with ConnectProxy(route_to=_port(server)) as router:
+        monkeypatch.setenv("HTTPS_PROXY", router.url)
+        auth = EdrvAuth(
+            CLIENT_ID, CLIENT_SECRET, token_url=url, cache_dir=cache_dir, verify=str(ca.bundle)
+        )
+        assert auth.get_token() in server.issued_tokens
+    return router.tunnels
+
+
+def test_https_token_request_names_its_host_without_the_default_port(
+    ca: TestCA, tls_fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """https://localhost/... sends ``Host: localhost``, not ``localhost:443``, which a strict
+    virtual-host check answers with 421."""
+    url = "https://localhost/oauth/token"
+    assert _token_through_a_router(tls_fake, ca, clean_env, monkeypatch, url) == ["localhost:443"]
+    assert tls_fake.token_headers[0]["host"] == "localhost"
+
+
+def test_trailing_dot_host_is_reached_and_its_certificate_trusted(
+    ca: TestCA, tls_fake: FakeEdrv, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """https://localhost./... (an absolute DNS name) gets a token: the certificate names
+    ``localhost``, without the dot."""
+    url = "https://localhost./oauth/token"
+    assert _token_through_a_router(tls_fake, ca, clean_env, monkeypatch, url) == ["localhost:443"]
+
+
+def test_international_host_goes_into_connect_in_its_idna_form(
+    ca: TestCA, clean_env: Path, monkeypatch: pytest.MonkeyPatch, leak_watch: LeakWatch
+) -> None:
+    """https://bücher.localhost/...: the tunnel and the certificate check use
+    ``xn--bcher-kva.localhost``, and the token comes back."""
+    server = FakeEdrv(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, tls=_tls(ca, "bücher.localhost")
+    )
+    with contextlib.contextmanager(serve_watched)(server, leak_watch):
+        url = "https://bücher.localhost/oauth/token"
+        tunnels = _token_through_a_router(server, ca, clean_env, monkeypatch, url)
+    assert tunnels == ["xn--bcher-kva.localhost:443"]
+
+
+def _tls(ca: TestCA, name: str, **validity: Any) -> ssl.SSLContext:
+    """A server context with a certificate from ``ca`` for ``name``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.ca.issue_cert(name, **validity).configure_cert(context)
+    return context
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://auth..example.com/oauth/token",
+        "https://auth.example.com/oauth/token ",
+        " https://auth.example.com/oauth/token",
+        "https://auth.example.com/oauth/token\n",
+        "https://auth example.com/oauth/token",
+        "https://auth\u200b.example.com/oauth/token",
+        "https://auth.\u2603\u200d.com/oauth/token",
+        "https://" + "a" * 64 + ".example.com/oauth/token",
+    ],
+    ids=[
+        "empty-label",
+        "trailing-space",
+        "leading-space",
+        "newline",
+        "space-in-host",
+        "zero-width",
+        "idna-rejects",
+        "label-too-long",
+    ],
+)
+def test_token_url_no_client_could_send_is_refused_at_construction(
+    url: str, leak_watch: LeakWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at once, in one line naming the setting and not echoing the URL; through the
+    variable as through the argument."""
+    for configure in ("argument", "variable"):
+        options = {"token_url": url} if configure == "argument" else {}
+        monkeypatch.setenv("EDRV_TOKEN_URL", url)
+        with pytest.raises(EdrvAuthError) as info:
+            EdrvAuth(CLIENT_ID, CLIENT_SECRET, **options)
+        message = str(info.value)
+        assert message.startswith("token_url")
+        assert "example.com" not in message
+        assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", ["/oauth/tökén", "/oauth/to ken"])
+def test_token_url_path_with_non_ascii_or_a_space_is_sent_encoded(
+    make_auth: MakeAuth, fake: FakeEdrv, no_sleep: list[float], path: str
+) -> None:
+    """Such a path is sent percent-encoded, as httpx sends it: here the fake answers 404 to
+    that path, and that is what the error says (once, not retried)."""
+    with pytest.raises(TokenRequestError) as info:
+        make_auth(token_url=fake.url + path).get_token()
+    assert info.value.status_code == 404
+    assert no_sleep == []
+
+
+def test_gzip_answer_is_decoded(make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch) -> None:
+    """A token answer with ``Content-Encoding: gzip`` (a gateway's doing) is decoded."""
+    import gzip
+
+    leak_watch.secrets.add("fake-token-gzipped")
+    body = json.dumps({"access_token": "fake-token-gzipped", "expires_in": 3600}).encode()
+    fake.queue_token_response(
+        200, gzip.compress(body), {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert make_auth().get_token() == "fake-token-gzipped"
+
+
+def test_early_hints_before_the_answer_are_skipped(
+    make_auth: MakeAuth, leak_watch: LeakWatch
+) -> None:
+    """An interim ``103 Early Hints`` is not the answer: the ``200`` after it is."""
+    leak_watch.secrets.add("fake-token-after-hints")
+    body = b'{"access_token": "fake-token-after-hints", "expires_in": 3600}'
+    answer = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with RawServer(answer) as server:
+        assert make_auth(token_url=server.token_url).get_token() == "fake-token-after-hints"
+
+
+def test_short_body_is_an_incomplete_answer(
+    make_auth: MakeAuth, no_sleep: list[float], leak_watch: LeakWatch
+) -> None:
+    """An answer shorter than its Content-Length is incomplete: retried, then reported as such
+    (the form was sent: each attempt counts)."""
+    leak_watch.secrets.add("fake-token-cut")
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+        b'{"access_token": "fake-token-cut"'
+    )
+    with RawServer(answer) as server:
+        auth = make_auth(token_url=server.token_url)
+        with pytest.raises(TokenRequestError, match="malformed or incomplete answer") as info:
             auth.get_token()
-    finally:
-        relay.stop()
-    assert forwarded == [fake.token_url] * edrv_auth._MAX_ATTEMPTS
-    assert fake.token_requests == 0
+    assert info.value.status_code is None
+    assert (server.connections, len(no_sleep), len(_cap_record(auth))) == (3, 2, 3)
 
 
 # ---- the deadline ------------------------------------------------------------------------
@@ -715,14 +1032,128 @@ def test_debuglevel_set_by_the_user_never_prints_the_form(
     assert "client_secret" not in out + err
 
 
+def _token_request_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "edrv_auth-token-request"]
+
+
 def test_timeout_bounds_the_whole_answer(make_auth: MakeAuth, no_sleep: list[float]) -> None:
-    """A server dripping its answer cannot stretch one attempt past `timeout`."""
+    """A server dripping its answer cannot stretch one attempt past `timeout`, and the
+    attempts it cut do not linger: their connections are shut down at the deadline."""
     with DripServer("body") as drip:
         auth = make_auth(token_url=drip.token_url, timeout=0.5)
         started = time.monotonic()
         with pytest.raises(TokenRequestError, match="timed out"):
             auth.get_token()
-    assert time.monotonic() - started < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
+        elapsed = time.monotonic() - started
+        for worker in _token_request_workers():
+            worker.join(1.0)  # still dripping, unless its socket was shut down
+        assert _token_request_workers() == []
+    assert elapsed < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
+
+
+def _resolving(
+    monkeypatch: pytest.MonkeyPatch, host: str, lookup: Callable[..., list[Any]]
+) -> None:
+    """Answer name lookups of ``host`` with ``lookup`` (the system's resolver for others)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        return lookup(name, *args, **kwargs) if name == host else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_next_address_is_tried_when_the_first_does_not_answer(
+    make_tls_auth: MakeAuth,
+    tls_fake: FakeEdrv,
+    ca: TestCA,
+    monkeypatch: pytest.MonkeyPatch,
+    no_sleep: list[float],
+) -> None:
+    """A host whose first address does not answer (IPv6 where it is broken) is reached
+    through its next address, within one attempt's timeout."""
+    listener, fillers = blackhole()
+    dead = listener.getsockname()
+    live = ("127.0.0.1", _port(tls_fake))
+
+    def lookup(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", where) for where in (dead, live)]
+
+    _resolving(monkeypatch, "localhost", lookup)
+    try:
+        auth = make_tls_auth(verify=str(ca.bundle), timeout=3)
+        started = time.monotonic()
+        assert auth.get_token() in tls_fake.issued_tokens
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+    assert 1.0 <= elapsed < 3  # a third of the timeout on the dead address, then the live one
+    assert no_sleep == []
+
+
+def test_stuck_name_lookup_is_abandoned_and_sends_nothing_later(
+    make_tls_auth: MakeAuth,
+    tls_fake: FakeEdrv,
+    ca: TestCA,
+    monkeypatch: pytest.MonkeyPatch,
+    no_sleep: list[float],
+) -> None:
+    """A name lookup that hangs ends each attempt at its deadline ("could not reach", not
+    counted); when the lookups finally return, the abandoned attempts send nothing."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def lookup(*args: Any, **kwargs: Any) -> list[Any]:
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    _resolving(monkeypatch, "localhost", lookup)
+    auth = make_tls_auth(verify=str(ca.bundle), timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TokenRequestError, match="could not reach the token endpoint") as info:
+            auth.get_token()
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert "timed out" in str(info.value)
+    assert elapsed < 3 * 0.5 + 1.0
+    assert (len(no_sleep), _cap_record(auth)) == (2, ())
+    for worker in _token_request_workers():
+        worker.join(10)
+    assert tls_fake.token_requests == 0
+
+
+def test_failure_while_sending_the_form_counts_towards_the_cap(
+    clean_env: Path, no_sleep: list[float]
+) -> None:
+    """An attempt cut while the form is being written may have reached the endpoint: it counts
+    towards the cap (a 32 MB audience overflows the socket buffers of an endpoint that reads
+    nothing and keeps a small receive window, so that the deadline comes while sending)."""
+
+    class Deaf(ConnectProxy):
+        def __init__(self) -> None:
+            super().__init__()
+            # A fixed, small window: the kernel must not grow it to take the whole form.
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+        def _serve(self, conn: Any) -> None:
+            self._stop.wait(30)
+
+    with Deaf() as deaf:
+        auth = EdrvAuth(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            token_url=f"http://127.0.0.1:{deaf.port}/oauth/token",
+            audience="x" * (32 << 20),  # nothing to percent-encode: the form is built at once
+            cache_dir=clean_env,
+            timeout=0.5,
+        )
+        with pytest.raises(TokenRequestError, match=r"the token request to .* failed: timed out"):
+            auth.get_token()
+    assert len(no_sleep) == 2
+    assert len(_cap_record(auth)) == 3
 
 
 # ---- retries: Retry-After, the overall deadline, jitter ----------------------------------
@@ -773,10 +1204,12 @@ def test_slow_attempts_stop_at_the_overall_deadline(
     for _ in range(edrv_auth._MAX_ATTEMPTS):
         fake.queue_token_response(503, {"error": "temporarily_unavailable"})
     started = test_clock.offset
-    with pytest.raises(TokenRequestError):
+    with pytest.raises(TokenRequestError) as info:
         make_auth(timeout=10).get_token()
     assert fake.token_requests == 2  # 8 s, a backoff, 8 s: a third would risk 26+ s
-    assert test_clock.offset - started < edrv_auth._FETCH_DEADLINE
+    seconds = test_clock.offset - started
+    assert seconds < edrv_auth._FETCH_DEADLINE
+    assert f"(2 attempts over {seconds:.1f} s, each limited to 10 s)" in str(info.value)
 
 
 def test_backoff_is_jittered() -> None:

@@ -23,16 +23,16 @@ SOURCE = Path(edrv_auth.__file__).resolve()  # edrv_auth.py, or the wheel's __in
 
 USE_REQUESTS = """
 import requests
-r = requests.get(URL + "/v1.1/chargestations", auth=edrv_auth.EdrvAuth(), timeout=10)
+r = requests.get(URL + "/v1.1/chargestations", auth=AUTH, timeout=10)
 print(r.status_code)
 """
 USE_HTTPX = """
 import httpx
-with httpx.Client(auth=edrv_auth.EdrvAuth()) as client:
+with httpx.Client(auth=AUTH) as client:
     print(client.get(URL + "/v1.1/chargestations").status_code)
 """
 USE_NEITHER = """
-print(200 if edrv_auth.EdrvAuth().get_token() else 0)
+print(200 if AUTH.get_token() else 0)
 """
 
 
@@ -52,22 +52,34 @@ def run_script(folder: Path, code: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("missing", "usage"),
-    [("httpx", USE_REQUESTS), ("requests", USE_HTTPX), ("requests httpx", USE_NEITHER)],
+    ("missing", "usage", "mode"),
+    [
+        ("httpx", USE_REQUESTS, "api_key"),
+        ("requests", USE_HTTPX, "client credentials"),
+        ("requests httpx", USE_NEITHER, "api_key"),
+    ],
 )
 def test_vendored_file_works_without_a_client(
-    fake_env: FakeEdrv, vendored: Path, leak_watch: LeakWatch, missing: str, usage: str
+    fake_env: FakeEdrv,
+    vendored: Path,
+    leak_watch: LeakWatch,
+    missing: str,
+    usage: str,
+    mode: str,
 ) -> None:
-    """Copied alone into a folder, the file imports and authenticates with what is there."""
+    """Copied alone into a folder, the file imports and authenticates with what is there:
+    an API key with whichever client is installed, client credentials with httpx."""
+    api_key = fake_env.issue_token() if mode == "api_key" else None
     prelude = "import sys\n"
     prelude += "".join(f"sys.modules[{name!r}] = None\n" for name in missing.split())
     prelude += "import edrv_auth\n"
     prelude += f"assert edrv_auth.__file__ == {str(vendored / 'edrv_auth.py')!r}\n"
     prelude += f"URL = {fake_env.url!r}\n"
+    prelude += f"AUTH = edrv_auth.EdrvAuth(api_key={api_key!r})\n"
     result = run_script(vendored, prelude + usage)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "200"
-    assert fake_env.token_requests == 1
+    assert fake_env.token_requests == (0 if api_key else 1)
     assert leak_watch.leaks(result.stderr) == []
 
 
@@ -79,9 +91,9 @@ def test_vendored_command_line(vendored: Path) -> None:
         assert "token" in result.stdout
 
 
-WITHOUT_FILELOCK = """
+WITHOUT_PACKAGE = """
 import sys
-sys.modules["filelock"] = None
+sys.modules[{package!r}] = None
 import edrv_auth
 assert edrv_auth.__file__ == {file!r}
 try:
@@ -96,18 +108,21 @@ sys.exit(edrv_auth.main())
 """
 
 
-def test_vendored_without_filelock_says_what_to_install(
-    fake_env: FakeEdrv, vendored: Path, leak_watch: LeakWatch
+@pytest.mark.parametrize("package", ["filelock", "httpx"])
+def test_vendored_without_a_package_client_credentials_need_says_what_to_install(
+    fake_env: FakeEdrv, vendored: Path, leak_watch: LeakWatch, package: str
 ) -> None:
-    """Without filelock, construction says `pip install filelock`, and the CLI in one line."""
-    result = run_script(vendored, WITHOUT_FILELOCK.format(file=str(vendored / "edrv_auth.py")))
+    """Without filelock (the token cache) or httpx (the token request), construction in
+    client-credentials mode says `pip install <it>`, and the CLI in one line."""
+    code = WITHOUT_PACKAGE.format(package=package, file=str(vendored / "edrv_auth.py"))
+    result = run_script(vendored, code)
     refusal, key = result.stdout.splitlines()
-    assert "pip install filelock" in refusal
-    assert key == "test-key"  # API-key mode needs no cache, hence no filelock
+    assert f"pip install {package}" in refusal
+    assert key == "test-key"  # API-key mode needs neither
     assert result.returncode == 2
     assert result.stderr.startswith("edrv_auth: ")
     assert not result.stderr.startswith("edrv_auth: edrv_auth")  # one prefix, not two
-    assert "pip install filelock" in result.stderr
+    assert f"pip install {package}" in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert fake_env.token_requests == 0  # refused before anything was sent
     assert leak_watch.leaks(result.stdout, result.stderr) == []

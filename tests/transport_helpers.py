@@ -6,8 +6,15 @@
 - :class:`ConnectProxy` is a small threaded HTTP ``CONNECT`` proxy on loopback that records
   every tunnel it opens (and the ``Proxy-Authorization`` it was sent), can demand credentials
   or refuse tunnels, and pipes bytes both ways otherwise.
+  It speaks TLS itself when given a server context (an ``https://`` proxy).
+- :class:`Socks5Proxy` is a SOCKS5 proxy on loopback (no authentication) that records the
+  connections it opens.
 - :class:`DripServer` is a raw-socket token endpoint that sends its status line and then
   drips the rest of its answer (headers or body) one byte at a time, forever.
+- :class:`RawServer` answers every request with the same raw bytes, then closes: answers
+  the fake eDRV would never send (interim ``103``, a short body).
+- :func:`blackhole` is a loopback address where connections hang: a listener whose
+  backlog is full, so that the kernel drops every new ``SYN``.
 
 Everything is the standard library on loopback; every socket is closed on ``stop()``.
 """
@@ -152,6 +159,21 @@ class _Listener:
     def _serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with contextlib.suppress(OSError):
+                    target.shutdown(socket.SHUT_WR)
+                return
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+
 
 def _read_head(conn: socket.socket) -> bytes:
     """Read up to the blank line that ends an HTTP head ("" if the peer went away)."""
@@ -172,23 +194,40 @@ class ConnectProxy(_Listener):
 
     ``credentials``: a ``user:password`` that clients must send as Basic
     ``Proxy-Authorization`` (else 407). ``refuse``: answer every CONNECT with this status.
+    ``route_to``: open every tunnel to this loopback port, whatever host and port the CONNECT
+    names (so that a test can ask for ``https://localhost:443`` and reach a fake elsewhere).
     """
 
-    def __init__(self, *, credentials: str | None = None, refuse: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        credentials: str | None = None,
+        refuse: int | None = None,
+        route_to: int | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__()
         self.credentials = credentials
         self.refuse = refuse
+        self.route_to = route_to
+        self.tls = tls
         self.tunnels: list[str] = []  # "host:port" of every tunnel opened
         self.authorizations: list[str | None] = []  # Proxy-Authorization of every CONNECT
 
     @property
     def url(self) -> str:
         userinfo = f"{self.credentials}@" if self.credentials else ""
-        return f"http://{userinfo}127.0.0.1:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{userinfo}127.0.0.1:{self.port}"
 
     def _serve(self, conn: socket.socket) -> None:
         import base64
 
+        if self.tls is not None:
+            try:
+                conn = self._track(self.tls.wrap_socket(conn, server_side=True))
+            except OSError:  # a client that distrusts the proxy's certificate
+                return
         head = _read_head(conn)
         if not head:
             return
@@ -214,6 +253,8 @@ class ConnectProxy(_Listener):
             self._answer(conn, 407, "Proxy Authentication Required")
         else:
             host, _, port = target.rpartition(":")
+            if self.route_to is not None:
+                host, port = "127.0.0.1", str(self.route_to)
             try:
                 upstream = self._track(socket.create_connection((host.strip("[]"), int(port)), 5))
             except OSError:
@@ -229,21 +270,6 @@ class ConnectProxy(_Listener):
         with contextlib.suppress(OSError):
             conn.sendall(f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\r\n".encode())
             conn.shutdown(socket.SHUT_WR)
-
-    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                with contextlib.suppress(OSError):
-                    target.shutdown(socket.SHUT_WR)
-                return
-            try:
-                target.sendall(data)
-            except OSError:
-                return
 
 
 class DripServer(_Listener):
@@ -279,3 +305,83 @@ class DripServer(_Listener):
                 conn.sendall(bytes([byte]))
         except OSError:
             return
+
+
+class RawServer(_Listener):
+    """A token endpoint that answers every request with ``answer``, byte for byte, then closes."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__()
+        self.answer = answer
+
+    @property
+    def token_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/oauth/token"
+
+    def _serve(self, conn: socket.socket) -> None:
+        if _read_head(conn):
+            with contextlib.suppress(OSError):
+                conn.sendall(self.answer)
+                conn.shutdown(socket.SHUT_WR)
+
+
+class Socks5Proxy(_Listener):
+    """A SOCKS5 proxy on loopback, without authentication, recording each ``host:port`` it
+    connects to (a name as the client sent it: the proxy resolves it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"socks5://127.0.0.1:{self.port}"
+
+    def _serve(self, conn: socket.socket) -> None:
+        def read(size: int) -> bytes:
+            data = b""
+            while len(data) < size:
+                chunk = conn.recv(size - len(data))
+                if not chunk:
+                    raise ConnectionError("the client went away")
+                data += chunk
+            return data
+
+        try:
+            _, methods = read(2)
+            read(methods)
+            conn.sendall(b"\x05\x00")  # no authentication
+            _, _, _, kind = read(4)  # version, CONNECT (the only command sent), reserved
+            if kind == 1:
+                host = socket.inet_ntop(socket.AF_INET, read(4))
+            elif kind == 4:
+                host = socket.inet_ntop(socket.AF_INET6, read(16))
+            else:
+                host = read(read(1)[0]).decode("ascii")
+            port = int.from_bytes(read(2), "big")
+            upstream = self._track(socket.create_connection((host, port), 5))
+        except OSError:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"\x05\x05\x00\x01" + bytes(6))  # connection refused
+            return
+        with self._lock:
+            self.targets.append(f"{host}:{port}")
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(6))  # succeeded (bound address unused)
+        self._spawn(self._pipe, upstream, conn)
+        self._pipe(conn, upstream)
+
+
+def blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback listener where new connections hang: its one-slot backlog is filled.
+
+    Returns the listener and the sockets filling its backlog; close them all when done.
+    """
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    return listener, fillers
