@@ -1099,9 +1099,13 @@ def _post(
     if isinstance(client, str):
         return _Failure(TokenRequestError(client), reached=False, retry=False)
     exchange = _Exchange(url, timeout, trusted)
-    threading.Thread(
+    worker = threading.Thread(
         target=exchange.run, args=(client, form), name="edrv_auth-token-request", daemon=True
-    ).start()
+    )
+    try:
+        worker.start()
+    except RuntimeError:  # at exit, Python 3.12 starts no thread: httpx's timeouts must do
+        exchange.run(client, form)
     return exchange.result()
 
 
@@ -1475,7 +1479,10 @@ class _FileCache:
     @contextlib.contextmanager
     def locked(self, deadline: float) -> Iterator[None]:
         """Hold the lock file beside the cache; a holder that dies releases it."""
-        import filelock
+        try:
+            import filelock
+        except RuntimeError:  # first needed in an exit handler: Python 3.10 and 3.11 refuse
+            raise OSError(0, "filelock cannot be loaded while the process exits") from None
 
         if self._lock is None or self._lock_pid != os.getpid():
             # filelock refuses a lock object inherited across fork(): one per process.
@@ -1868,27 +1875,18 @@ class _Renewals:
         self.latest: dict[str, _Renewal] = {}
         self.exiting = False
 
-    def start(self, key: str, renew: Callable[[_Renewal], None], renewal: _Renewal) -> bool:
-        """Run ``renew(renewal)`` in a daemon thread unless a renewal for ``key`` runs already.
-
-        Returns whether one is under way: ``False`` when the process is exiting
-        (its exit handlers run; a thread would be killed, or cannot start), so
-        that the caller renews the token itself.
-        """
+    def start(self, key: str, renew: Callable[[_Renewal], None], renewal: _Renewal) -> None:
+        """Run ``renew(renewal)`` in a daemon thread, unless a renewal for ``key`` runs
+        already or the process is exiting (its exit handlers run)."""
         if not self.lock.acquire(blocking=False):
-            return True  # another thread is starting one, or looking
+            return  # another thread is starting one, or looking
         try:
             running = self.latest.get(key)
-            if running is not None and not running.done.is_set():
-                return True
-            if self.exiting:
-                return False
-            try:
+            if self.exiting or (running is not None and not running.done.is_set()):
+                return
+            with contextlib.suppress(RuntimeError):  # "can't create new thread at shutdown"
                 _thread.start_new_thread(renew, (renewal,))
-            except RuntimeError:  # "can't create new thread at interpreter shutdown"
-                return False
-            self.latest[key] = renewal
-            return True
+                self.latest[key] = renewal
         finally:
             self.lock.release()
 
@@ -1897,8 +1895,8 @@ class _Renewals:
 
         A short-lived process (the command line, a cron script) would otherwise
         lose a renewal it started when the interpreter kills its thread, and
-        the next run, finding the token still due, would request another. A
-        renewal wanted after this ran is made by its caller instead.
+        the next run, finding the token still due, would request another. None
+        starts after this ran.
         """
         with self.lock:
             self.exiting = True
@@ -2016,7 +2014,9 @@ class _TokenSource:
         attribute, and at most starts a background renewal.
         """
         published = self.published
-        servable = self._servable(published, rejected) or self._while_renewing(published, rejected)
+        servable = self._servable(published, rejected)
+        if servable is None and "filelock" in sys.modules:  # a renewal imports nothing here
+            servable = self._while_renewing(published, rejected)
         if servable is not None:
             return servable
         run_sync, make_event, make_lock = _async_backend()
@@ -2258,22 +2258,27 @@ class _TokenSource:
             published is None
             or rejected is not None
             or not self._outlives_a_renewal(published.token)
-            or not self._renew_in_background()
         ):
             return None
+        self._renew_in_background()
         return published
 
-    def _renew_in_background(self) -> bool:
+    def _renew_in_background(self) -> None:
         """Make sure a renewal of this cache's token runs in the background.
 
         Its lock waits end in time for its one attempt (``timeout``) to end
         within `_FETCH_DEADLINE`, though never sooner than `_RENEWAL_LOCK_WAIT`.
-        Returns ``False`` when none can run (the process is exiting): the
-        caller then blocks for it.
+        Once the process has begun to exit, none starts: its thread would be
+        killed (or, on some Pythons, could not start, nor import filelock), and
+        the token, which outlives a renewal, is renewed by the next run.
         """
+        try:
+            import filelock  # noqa: F401 - now, as the renewal could not import it at exit
+        except RuntimeError:  # "can't register atexit after shutdown"
+            return
         lock_wait = max(_FETCH_DEADLINE - self.endpoint.timeout, _RENEWAL_LOCK_WAIT)
         renewal = _Renewal(lock_wait, self.endpoint.timeout)
-        return _renewals.start(str(self.file_cache.path), self._renew, renewal)
+        _renewals.start(str(self.file_cache.path), self._renew, renewal)
 
     def _renew(self, renewal: _Renewal) -> None:
         """The background renewal thread: the blocking path, with nobody waiting for it.

@@ -179,12 +179,13 @@ def test_command_line_finishes_the_renewal_it_started_before_exiting(
 
 
 @pytest.mark.parametrize("registered", ["after-the-import", "before-the-import"])
-def test_a_token_needed_in_an_exit_handler_is_renewed(
+def test_a_due_token_needed_in_an_exit_handler_is_sent_and_no_renewal_is_lost(
     fake_env: FakeEdrv, make_auth: MakeAuth, registered: str
 ) -> None:
-    """An exit handler that finds the token due gets it and a saved renewal: whether it runs
-    before edrv_auth's own exit handler or after it, and whether or not this Python can still
-    start a thread then (3.12 cannot)."""
+    """An exit handler that finds the token due gets it at once. A renewal it starts then
+    (only where the exit handlers of edrv_auth have not run yet, and this Python can still
+    start a thread and import filelock) is waited for and saved; otherwise none starts, and
+    the next run renews the token: a token request made at exit is never lost."""
     old = plant_due_token(make_auth(), fake_env)
     handler = "atexit.register(lambda: print(len(auth.get_token())))\n"
     code = (
@@ -196,8 +197,28 @@ def test_a_token_needed_in_an_exit_handler_is_renewed(
     )
     result = run_python("-c", code, cwd=ROOT)
     assert (result.returncode, result.stdout, result.stderr) == (0, f"{len(old)}\n", "")
-    assert fake_env.token_requests == 1
-    assert make_auth().get_token() not in (old, None)
+    cached = make_auth().get_token()
+    assert fake_env.token_requests in (0, 1)
+    assert (cached != old) == (fake_env.token_requests == 1)
+    if registered == "before-the-import":  # edrv_auth's exit handler ran first: none started
+        assert (cached, fake_env.token_requests) == (old, 0)
+
+
+def test_no_renewal_starts_once_the_exit_handler_has_run(
+    fake_env: FakeEdrv, make_auth: MakeAuth
+) -> None:
+    """After edrv_auth's exit handler has waited for the renewals, a due token is sent and no
+    thread starts a renewal that the interpreter would kill mid-request."""
+    old = plant_due_token(make_auth(), fake_env)
+    code = (
+        "import edrv_auth\n"
+        "auth = edrv_auth.EdrvAuth()\n"
+        "edrv_auth._renewals.finish()  # what the interpreter calls at exit\n"
+        "print(len(auth.get_token()), auth._describe().renewal is None)\n"
+    )
+    result = run_python("-c", code, cwd=ROOT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{len(old)} True\n", "")
+    assert fake_env.token_requests == 0
 
 
 @fork_ok
