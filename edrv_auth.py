@@ -894,13 +894,25 @@ class _Exchange:
     as soon as it is reported, before anything is sent on it. Nor can a TLS
     handshake under way (``ssl`` holds its socket until it ends): httpx's
     connect timeout, a third of ``timeout``, ends that worker soon after.
+
+    ``doctor`` sends its checks the same way, without a form: ``peer`` and
+    ``setting`` then name what it checks (the API, say) in the messages.
     """
 
-    def __init__(self, url: str, timeout: float, trusted: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        trusted: str,
+        peer: str = "the token endpoint",
+        setting: str = _ENV_TOKEN_URL,
+    ) -> None:
         import httpx
 
         target = httpx.URL(url)
         self.url, self.timeout, self.trusted = url, timeout, trusted
+        self.peer, self.setting = peer, setting
+        self.request = "the token request" if setting == _ENV_TOKEN_URL else "the request"
         self.host = target.raw_host.decode("ascii")
         self.authority = _authority(self.host, target.port or _DEFAULT_PORTS[target.scheme])
         self.stage = "connect"
@@ -937,22 +949,34 @@ class _Exchange:
             self.tunnelled = 200 <= status < 300
             self.refusal = None if self.tunnelled else status
 
-    def run(self, client: httpx.Client, form: _Secret) -> None:
-        """The worker: POST the form and read the answer; keep the outcome unless abandoned."""
+    def send(
+        self, client: httpx.Client, form: _Secret | None, auth: httpx.Auth | None = None
+    ) -> _Answer | _Failure:
+        """Run the attempt in its worker thread; its outcome by the deadline."""
+        name = "edrv_auth-token-request" if form else "edrv_auth-check"
+        threading.Thread(target=self.run, args=(client, form, auth), name=name, daemon=True).start()
+        return self.result()
+
+    def run(self, client: httpx.Client, form: _Secret | None, auth: httpx.Auth | None) -> None:
+        """The worker: POST the form (without one, GET the URL, ``auth`` adding its header) and
+        read the answer; keep the outcome unless abandoned."""
         import httpx
 
         outcome: _Answer | _Failure
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": f"edrv-auth/{__version__}",
+            "Connection": "close",  # each attempt its own connection, and its socket
+        }
+        if form is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         try:
             with client.stream(
-                "POST",
+                "POST" if form else "GET",
                 self.url,
-                content=form.value.encode(),
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Accept": "application/json",
-                    "User-Agent": f"edrv-auth/{__version__}",
-                    "Connection": "close",  # each attempt its own connection, and its socket
-                },
+                content=form.value.encode() if form else None,
+                headers=headers,
+                auth=auth,
                 timeout=httpx.Timeout(self.timeout, connect=self.timeout * _CONNECT_SHARE),
                 extensions={"trace": self.trace},
             ) as response:
@@ -994,22 +1018,22 @@ class _Exchange:
             message = _refused(proxy, self.authority, self.host, self.refusal)
         elif self.stage == "answer" and (exc is None or isinstance(exc, httpx.TimeoutException)):
             message = (
-                f"the token endpoint {self.url} did not answer in time "
+                f"{self.peer} {self.url} did not answer in time "
                 f"(timed out after {self.timeout:g} s)"
             )
         elif self.stage == "answer":
             message = (
-                f"the token endpoint {self.url} closed the connection or sent a malformed or "
+                f"{self.peer} {self.url} closed the connection or sent a malformed or "
                 f"incomplete answer ({type(exc).__name__})"
             )
         else:
             why = "timed out" if exc is None else _network_error_text(exc)
             message = {
-                "connect": f"could not reach {proxy or f'the token endpoint {self.url}'}: {why} "
-                f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})",
+                "connect": f"could not reach {proxy or f'{self.peer} {self.url}'}: {why} "
+                f"(check the network, any proxy settings, and {self.setting})",
                 "tunnel": f"{proxy} failed to open a tunnel to {self.authority}: {why}",
-                "tls": f"the TLS handshake with the token endpoint {self.url} failed: {why}",
-            }.get(self.stage, f"the token request to {self.url} failed: {why}")
+                "tls": f"the TLS handshake with {self.peer} {self.url} failed: {why}",
+            }.get(self.stage, f"{self.request} to {self.url} failed: {why}")
         final = certificate is not None or (self.refusal is not None and self.refusal < 500)
         reached = self.stage in ("sent", "answer")  # the form may have been written
         return _Failure(TokenRequestError(message), reached=reached, retry=not final)
@@ -1027,9 +1051,9 @@ def _certificate_error(exchange: _Exchange, proxy: str, exc: ssl.SSLCertVerifica
     """Why a certificate failed verification, whose it was (the endpoint's, or an
     ``https://`` ``proxy``'s), and how to fix it."""
     reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
-    who = proxy or f"the token endpoint {exchange.url}"
+    who = proxy or f"{exchange.peer} {exchange.url}"
     if exc.verify_code in _NAME_MISMATCH:
-        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else _ENV_TOKEN_URL
+        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else exchange.setting
         host = exchange.proxy[0] if exchange.proxy and proxy else exchange.host
         return (
             f"the certificate of {who} is not valid for {host} "
@@ -1098,11 +1122,7 @@ def _post(
     client = _client(context)
     if isinstance(client, str):
         return _Failure(TokenRequestError(client), reached=False, retry=False)
-    exchange = _Exchange(url, timeout, trusted)
-    threading.Thread(
-        target=exchange.run, args=(client, form), name="edrv_auth-token-request", daemon=True
-    ).start()
-    return exchange.result()
+    return _Exchange(url, timeout, trusted).send(client, form)
 
 
 def _content_type(headers: httpx.Headers) -> str:
