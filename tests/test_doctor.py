@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import API_KEY, CLIENT_SECRET, LeakWatch, _closed_port, run_python
-from fake_edrv import FakeEdrv
+from fake_edrv import PROXY_VARIABLES, FakeEdrv
 from redis_server import RedisServer
 from test_cli import MODULE_DIR
 from test_transport import ca, ca_in_env, tls_fake  # noqa: F401 - fixtures used here
-from transport_helpers import ConnectProxy, blackhole
+from transport_helpers import ConnectProxy, TestCA, blackhole
 
 import edrv_auth
 
@@ -578,3 +579,56 @@ def test_help_says_what_it_checks_and_what_it_sends() -> None:
     assert "None of these sends the credentials" in text
     assert "counted towards the cap of 5 a minute" in text
     assert "--json" in text
+
+
+# ---- the README's two outputs ------------------------------------------------------------
+
+#: What the README shows in place of this run's ports, folder and versions.
+README_PORTS = {"fake": "8443", "proxy": "3128"}
+README_HOME = "/home/me"
+
+
+def readme_session(home: Path, *, trusted: bool) -> str:
+    """`python -m edrv_auth doctor` as the README shows it: the fake eDRV over TLS with a
+    private CA's certificate, behind a proxy that wants a password, the cache in its default
+    folder; the CA trusted or not. Its output, with the README's ports and home folder."""
+    company = TestCA(home)
+    (home / "ca.pem").rename(home / "company-ca.pem")
+    fake = FakeEdrv(client_id="test-client-id", client_secret="test-client-secret")
+    fake.tls = company.server_context()
+    with fake, ConnectProxy(credentials="me:test-proxy-password") as proxy:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDRV_", "XDG_"))}
+        for name in [*PROXY_VARIABLES, "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_DIR"]:
+            env.pop(name, None)
+        env.update(fake.environment(), HOME=str(home), HTTPS_PROXY=proxy.url, SSL_CERT_FILE="")
+        if trusted:  # the README's fix
+            bundle = f"{home}/company-ca.pem"
+            env.update(REQUESTS_CA_BUNDLE=bundle, SSL_CERT_FILE=bundle)
+        result = run_python("-m", "edrv_auth", "doctor", cwd=MODULE_DIR, env=env)
+        out = result.stdout.replace(str(home), README_HOME).replace(
+            sys.prefix, f"{README_HOME}/.venv"
+        )
+        out = out.replace(f":{port_of(fake)}", f":{README_PORTS['fake']}")
+        return out.replace(f":{proxy.port}", f":{README_PORTS['proxy']}")
+
+
+def comparable(text: str) -> str:
+    """``text`` without what changes from run to run: versions, a cache file's name (it
+    digests the token URL), a certifi path, a clock's second."""
+    for pattern, fixed in [
+        (r"Python [\d.]+\w*, httpx [\d.]+", "Python X, httpx X"),
+        (r"[0-9a-f]{32}\.json", "NAME.json"),
+        (r"certifi /\S+", "certifi PATH"),
+        (r"within \d+ s", "within N s"),
+    ]:
+        text = re.sub(pattern, fixed, text)
+    return text
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted-ca", "healthy"])
+def test_the_readme_shows_real_outputs(tmp_path: Path, trusted: bool) -> None:
+    """The README's two doctor outputs are what the doctor prints in their setup today."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## When it does not work") :]
+    shown = re.findall(r"^```text\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    assert comparable(shown[int(trusted)]) == comparable(readme_session(tmp_path, trusted=trusted))
