@@ -3441,7 +3441,10 @@ def _cache_checks(view: _SourceView, timeout: float, settings: dict[str, str]) -
     settings["cache folder"] = "not there yet: created 0700 at the first token request"
     with contextlib.suppress(OSError):
         info = os.lstat(cache.directory)
-        settings["cache folder"] = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
+        yours = " (you)" * (info.st_uid == getattr(os, "getuid", lambda: None)())
+        settings["cache folder"] = (
+            f"owner uid {info.st_uid}{yours}, mode {info.st_mode & 0o7777:04o}"
+        )
     try:
         loose = cache.check_dir()  # raises for a folder the token source would not use
         existing = next(p for p in (cache.directory, *cache.directory.parents) if p.exists())
@@ -3510,7 +3513,7 @@ def _doctor(auth: EdrvAuth, fetch: bool) -> dict[str, Any]:
         settings["mode"] = (
             f"client credentials, from {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} (never shown)"
         )
-        settings["client id"] = view.client_id
+        settings["client id"] = f"{view.client_id} ({_ENV_CLIENT_ID})"
         settings["token url"] = f"{view.token_url} ({_from(_ENV_TOKEN_URL)})"
         settings["audience"] = f"{view.endpoint.audience} ({_from(_ENV_AUDIENCE)})"
         url, peer, setting = view.token_url, "the token endpoint", _ENV_TOKEN_URL
@@ -3540,11 +3543,13 @@ def _doctor(auth: EdrvAuth, fetch: bool) -> dict[str, Any]:
 
 
 def _render(report: dict[str, Any]) -> str:
-    """``doctor``'s report as text: a line per setting, then a line per check."""
+    """``doctor``'s report as text: a line per setting, then a line per check; a value with
+    a line break or an escape code in it (a variable's) cannot add lines or colours."""
     lines = [f"{key}: {value}" for key, value in report["settings"].items()]
     lines += [f"{c['result'].upper():4}  {c['name']}: {c['detail']}" for c in report["checks"]]
     failed = report["failed"]
-    return "\n".join([*lines, f"failed: {', '.join(failed)}" if failed else "all checks passed"])
+    lines.append(f"failed: {', '.join(failed)}" if failed else "all checks passed")
+    return "\n".join(_clean(line, limit=len(line)) for line in lines)
 
 
 def _error_line(exc: EdrvAuthError) -> str:
@@ -3641,7 +3646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cleared = auth._source.renews
             print("cleared the cached token" if cleared else "API key mode: no cache")
         elif args.command == "doctor":
-            report = _doctor(auth, args.fetch)
+            try:
+                report = _doctor(auth, args.fetch)
+            except ImportError:  # an API key needs no httpx, but the checks do
+                print("edrv_auth: doctor's checks need httpx: pip install httpx", file=sys.stderr)
+                return 1
             print(json.dumps(report, indent=2) if args.json else _render(report))
             return 1 if report["failed"] else 0
         else:

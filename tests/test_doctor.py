@@ -107,7 +107,7 @@ def test_a_healthy_setup_passes_every_check_without_sending_credentials(
     assert settings(out) == {
         "edrv_auth": settings(out)["edrv_auth"],
         "mode": "client credentials, from EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (never shown)",
-        "client id": "test-client-id",
+        "client id": "test-client-id (EDRV_CLIENT_ID)",
         "token url": f"{tls_env.token_url} (EDRV_TOKEN_URL)",
         "audience": "https://api.edrv.io (default)",
         "api url": f"{tls_env.url} (EDRV_API_URL)",
@@ -378,7 +378,7 @@ def test_a_group_writable_cache_folder_passes_and_is_left_as_it_is(
     os.chmod(clean_env, 0o770)  # noqa: S103 - the loose folder under test
     code, out = doctor()
     assert code == 0
-    assert settings(out)["cache folder"] == f"owner uid {os.getuid()}, mode 0770"
+    assert settings(out)["cache folder"] == f"owner uid {os.getuid()} (you), mode 0770"
     assert checks(out)["cache"] == ("PASS", "usable (made 0700 when used)")
     assert os.stat(clean_env).st_mode & 0o777 == 0o770
 
@@ -631,4 +631,28 @@ def test_the_readme_shows_real_outputs(tmp_path: Path, trusted: bool) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## When it does not work") :]
     shown = re.findall(r"^```text\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
-    assert comparable(shown[int(trusted)]) == comparable(readme_session(tmp_path, trusted=trusted))
+    printed = readme_session(tmp_path, trusted=trusted)
+    assert comparable(shown[int(trusted)]) == comparable(printed)
+    assert "test-client-secret" not in printed
+    assert "test-proxy-password" not in printed
+
+
+def test_without_httpx_it_says_what_to_install(key_env: FakeEdrv) -> None:
+    """API-key mode runs without httpx, but the doctor's checks need it: one line says so."""
+    code = "import sys\nsys.modules['httpx'] = None\nimport edrv_auth\n"
+    result = run_python("-c", code + "sys.exit(edrv_auth.main(['doctor']))", cwd=MODULE_DIR)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "edrv_auth: doctor's checks need httpx: pip install httpx\n"
+
+
+def test_a_setting_cannot_add_lines_to_the_report(
+    fake_env: FakeEdrv, doctor: Doctor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value with a line break and an escape code in it (a client id read from a file)
+    shows on its own line, without them: the report stays one line per setting and check."""
+    monkeypatch.setenv("EDRV_CLIENT_ID", "test-client-id\n\x1b[2JPASS  fake: all good")
+    out = doctor()[1]
+    shown = "test-client-id  [2JPASS  fake: all good (EDRV_CLIENT_ID)"
+    assert settings(out)["client id"] == shown
+    assert "fake" not in checks(out)
+    assert "\x1b" not in out
