@@ -3504,8 +3504,10 @@ def _doctor(auth: EdrvAuth, fetch: bool) -> dict[str, Any]:
     import httpx
 
     view = auth._describe()
-    versions = f"{__version__}, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
-    settings = {"edrv_auth": versions, "mode": f"API key, from {_ENV_API_KEY} (never shown)"}
+    versions = (
+        f"edrv_auth {__version__}, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
+    )
+    settings = {"version": versions, "mode": f"API key, from {_ENV_API_KEY} (never shown)"}
     url, peer, setting = auth._origin.url, "the API", _ENV_API_URL
     verify: bool | str | ssl.SSLContext = True
     timeout = 10.0  # EdrvAuth's default: API-key mode keeps none

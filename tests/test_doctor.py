@@ -105,7 +105,7 @@ def test_a_healthy_setup_passes_every_check_without_sending_credentials(
     code, out = doctor()
     assert code == 0
     assert settings(out) == {
-        "edrv_auth": settings(out)["edrv_auth"],
+        "version": settings(out)["version"],
         "mode": "client credentials, from EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (never shown)",
         "client id": "test-client-id (EDRV_CLIENT_ID)",
         "token url": f"{tls_env.token_url} (EDRV_TOKEN_URL)",
@@ -562,7 +562,7 @@ def test_the_command_line_runs_it(fake: FakeEdrv, leak_watch: LeakWatch) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDRV_")}
     ok = run_python("-m", "edrv_auth", "doctor", cwd=MODULE_DIR, env={**env, **fake.environment()})
     assert (ok.returncode, ok.stderr) == (0, "")
-    assert ok.stdout.startswith(f"edrv_auth: {edrv_auth.__version__}, Python ")
+    assert ok.stdout.startswith(f"version: edrv_auth {edrv_auth.__version__}, Python ")
     assert ok.stdout.endswith("\nall checks passed\n")
     failed = run_python("-m", "edrv_auth", "doctor", cwd=MODULE_DIR, env=env)
     assert failed.returncode == 2
