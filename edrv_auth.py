@@ -894,13 +894,25 @@ class _Exchange:
     as soon as it is reported, before anything is sent on it. Nor can a TLS
     handshake under way (``ssl`` holds its socket until it ends): httpx's
     connect timeout, a third of ``timeout``, ends that worker soon after.
+
+    ``doctor`` sends its checks the same way, without a form: ``peer`` and
+    ``setting`` then name what it checks (the API, say) in the messages.
     """
 
-    def __init__(self, url: str, timeout: float, trusted: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        trusted: str,
+        peer: str = "the token endpoint",
+        setting: str = _ENV_TOKEN_URL,
+    ) -> None:
         import httpx
 
         target = httpx.URL(url)
         self.url, self.timeout, self.trusted = url, timeout, trusted
+        self.peer, self.setting = peer, setting
+        self.request = "the token request" if setting == _ENV_TOKEN_URL else "the request"
         self.host = target.raw_host.decode("ascii")
         self.authority = _authority(self.host, target.port or _DEFAULT_PORTS[target.scheme])
         self.stage = "connect"
@@ -937,22 +949,40 @@ class _Exchange:
             self.tunnelled = 200 <= status < 300
             self.refusal = None if self.tunnelled else status
 
-    def run(self, client: httpx.Client, form: _Secret) -> None:
-        """The worker: POST the form and read the answer; keep the outcome unless abandoned."""
+    def send(
+        self, client: httpx.Client, form: _Secret | None, auth: httpx.Auth | None = None
+    ) -> _Answer | _Failure:
+        """Run the attempt in its worker thread; its outcome by the deadline."""
+        name = "edrv_auth-token-request" if form else "edrv_auth-check"
+        worker = threading.Thread(
+            target=self.run, args=(client, form, auth), name=name, daemon=True
+        )
+        try:
+            worker.start()
+        except RuntimeError:  # at exit, Python 3.12 starts no thread: httpx's timeouts must do
+            self.run(client, form, auth)
+        return self.result()
+
+    def run(self, client: httpx.Client, form: _Secret | None, auth: httpx.Auth | None) -> None:
+        """The worker: POST the form (without one, GET the URL, ``auth`` adding its header) and
+        read the answer; keep the outcome unless abandoned."""
         import httpx
 
         outcome: _Answer | _Failure
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": f"edrv-auth/{__version__}",
+            "Connection": "close",  # each attempt its own connection, and its socket
+        }
+        if form is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         try:
             with client.stream(
-                "POST",
+                "POST" if form else "GET",
                 self.url,
-                content=form.value.encode(),
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Accept": "application/json",
-                    "User-Agent": f"edrv-auth/{__version__}",
-                    "Connection": "close",  # each attempt its own connection, and its socket
-                },
+                content=form.value.encode() if form else None,
+                headers=headers,
+                auth=auth,
                 timeout=httpx.Timeout(self.timeout, connect=self.timeout * _CONNECT_SHARE),
                 extensions={"trace": self.trace},
             ) as response:
@@ -994,22 +1024,22 @@ class _Exchange:
             message = _refused(proxy, self.authority, self.host, self.refusal)
         elif self.stage == "answer" and (exc is None or isinstance(exc, httpx.TimeoutException)):
             message = (
-                f"the token endpoint {self.url} did not answer in time "
+                f"{self.peer} {self.url} did not answer in time "
                 f"(timed out after {self.timeout:g} s)"
             )
         elif self.stage == "answer":
             message = (
-                f"the token endpoint {self.url} closed the connection or sent a malformed or "
+                f"{self.peer} {self.url} closed the connection or sent a malformed or "
                 f"incomplete answer ({type(exc).__name__})"
             )
         else:
             why = "timed out" if exc is None else _network_error_text(exc)
             message = {
-                "connect": f"could not reach {proxy or f'the token endpoint {self.url}'}: {why} "
-                f"(check the network, any proxy settings, and {_ENV_TOKEN_URL})",
+                "connect": f"could not reach {proxy or f'{self.peer} {self.url}'}: {why} "
+                f"(check the network, any proxy settings, and {self.setting})",
                 "tunnel": f"{proxy} failed to open a tunnel to {self.authority}: {why}",
-                "tls": f"the TLS handshake with the token endpoint {self.url} failed: {why}",
-            }.get(self.stage, f"the token request to {self.url} failed: {why}")
+                "tls": f"the TLS handshake with {self.peer} {self.url} failed: {why}",
+            }.get(self.stage, f"{self.request} to {self.url} failed: {why}")
         final = certificate is not None or (self.refusal is not None and self.refusal < 500)
         reached = self.stage in ("sent", "answer")  # the form may have been written
         return _Failure(TokenRequestError(message), reached=reached, retry=not final)
@@ -1027,9 +1057,9 @@ def _certificate_error(exchange: _Exchange, proxy: str, exc: ssl.SSLCertVerifica
     """Why a certificate failed verification, whose it was (the endpoint's, or an
     ``https://`` ``proxy``'s), and how to fix it."""
     reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
-    who = proxy or f"the token endpoint {exchange.url}"
+    who = proxy or f"{exchange.peer} {exchange.url}"
     if exc.verify_code in _NAME_MISMATCH:
-        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else _ENV_TOKEN_URL
+        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else exchange.setting
         host = exchange.proxy[0] if exchange.proxy and proxy else exchange.host
         return (
             f"the certificate of {who} is not valid for {host} "
@@ -1098,15 +1128,7 @@ def _post(
     client = _client(context)
     if isinstance(client, str):
         return _Failure(TokenRequestError(client), reached=False, retry=False)
-    exchange = _Exchange(url, timeout, trusted)
-    worker = threading.Thread(
-        target=exchange.run, args=(client, form), name="edrv_auth-token-request", daemon=True
-    )
-    try:
-        worker.start()
-    except RuntimeError:  # at exit, Python 3.12 starts no thread: httpx's timeouts must do
-        exchange.run(client, form)
-    return exchange.result()
+    return _Exchange(url, timeout, trusted).send(client, form)
 
 
 def _content_type(headers: httpx.Headers) -> str:
@@ -3299,6 +3321,246 @@ def _status(auth: EdrvAuth) -> str:
     return "\n".join(lines)
 
 
+class _Check(NamedTuple):
+    """A ``doctor`` check: ``pass``, ``fail`` or ``skip``, and what it saw (or the fix)."""
+
+    name: str
+    result: str
+    detail: str
+
+
+#: The checks of the way to the endpoint, in order: a failure leaves the later ones unchecked.
+_WAY: Final = ("name", "connect", "tls", "answer", "clock")
+
+
+def _from(variable: str) -> str:
+    """Where a setting comes from: the command line reads only the environment."""
+    return variable if _env(variable) else "default"
+
+
+def _bounded(call: Callable[[], Any], timeout: float) -> Any:
+    """``call()``'s result or exception, or a ``TimeoutError`` after ``timeout`` seconds: it
+    runs in a daemon thread, left alone at the deadline (a name lookup cannot be interrupted)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which names it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name="edrv_auth-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else TimeoutError(0, f"no answer within {timeout:g} s")
+
+
+def _route(client: httpx.Client, url: httpx.URL) -> tuple[str, bool]:
+    """The proxy a request for ``url`` goes through (never its password), or why none; and
+    whether there is one. Read from the client's mounts, which httpx builds from the proxy
+    variables and ``NO_PROXY``: what httpx decides here is what the request does."""
+    import urllib.request
+
+    import httpx
+
+    if url.scheme != "https":
+        return "none: a plain http:// URL (loopback only) never goes through a proxy", False
+    proxies = urllib.request.getproxies()  # what httpx read
+    mounts = getattr(client, "_mounts", {})  # private, but in every httpx since 0.25.1
+    pattern = next((p for p in mounts if p.matches(url)), None)
+    if pattern is None or mounts[pattern] is None:
+        if proxies.get("https") or proxies.get("all"):
+            return f"none: NO_PROXY excludes {url.host}", False
+        return "none: neither HTTPS_PROXY nor ALL_PROXY is set", False
+    scheme = pattern.pattern.partition(":")[0]  # "https" or "all"
+    named = proxies[scheme]
+    proxy = httpx.URL(named if "://" in named else f"http://{named}")
+    where = _authority(proxy.host, proxy.port) if proxy.port else proxy.host
+    secret = ", with a user name and password, not shown" if proxy.userinfo else ""
+    return f"{proxy.scheme}://{where} ({scheme.upper()}_PROXY{secret})", True
+
+
+def _reach(exchange: _Exchange, client: httpx.Client, proxied: bool) -> list[_Check]:
+    """The checks of the way to ``exchange``'s URL, by one request without credentials
+    through the token request's client, trust and deadline: httpx's ``trace`` tells the
+    stage it reached, hence which check failed."""
+    host = exchange.host
+    checks = [_Check("name", "skip", f"{host} is resolved by the proxy, not here")]
+    if not proxied:
+        lookup = functools.partial(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
+        found = _bounded(lookup, exchange.timeout)
+        if isinstance(found, Exception):
+            why = f"{host} does not resolve ({getattr(found, 'strerror', None) or 'failed'})"
+            return [_Check("name", "fail", f"{why}: check {exchange.setting}, and the DNS")]
+        addresses = ", ".join(sorted({address[4][0] for address in found}))
+        checks = [_Check("name", "pass", f"{host} resolves to {addresses}")]
+    sent = _clock.time()
+    outcome = exchange.send(client, None)
+    stages = {"tunnel": "connect", "send": "answer", "sent": "answer"}
+    stage = stages.get(exchange.stage, exchange.stage)
+    through = f" through the proxy {_authority(*exchange.proxy)}" if exchange.proxy else ""
+    passed = {
+        "connect": f"a TCP connection to {exchange.authority}{through}",
+        "tls": f"the certificate of {host} is trusted, unexpired and valid for {host}",
+        "answer": f"{exchange.peer} answered a request without credentials: HTTP "
+        f"{getattr(outcome, 'status', '')} (any status will do)",
+    }
+    for step in _WAY[1:4]:
+        if step == "tls" and not exchange.trusted:
+            checks.append(_Check(step, "skip", "none: a plain http:// URL (loopback only)"))
+        elif isinstance(outcome, _Answer) or _WAY.index(step) < _WAY.index(stage):
+            checks.append(_Check(step, "pass", passed[step]))
+        elif isinstance(outcome, _Failure) and step == stage:
+            checks.append(_Check(step, "fail", str(outcome.error)))
+    if isinstance(outcome, _Answer):
+        checks.append(_clock_check(outcome, sent, _clock.time(), exchange.peer))
+    return checks
+
+
+def _clock_check(answer: _Answer, sent: float, received: float, peer: str) -> _Check:
+    """This machine's clock against the ``Date`` of ``peer``'s answer (whole seconds).
+    Beyond `_CLOCK_SKEW`, machines sharing tokens disagree about when they expire."""
+    import email.utils
+
+    try:
+        date = email.utils.parsedate_to_datetime(answer.headers.get("Date", "")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return _Check("clock", "skip", f"{peer} sent no Date header to compare with")
+    ahead, behind = sent - (date + 1), date - received
+    off = max(ahead, behind, 0.0)
+    if off <= _CLOCK_SKEW:
+        limit = f"(over {_CLOCK_SKEW:g} s fails)"
+        return _Check("clock", "pass", f"within {off + 1:.0f} s of {peer}'s Date header {limit}")
+    side = "ahead of" if ahead > 0 else "behind"
+    return _Check(
+        "clock",
+        "fail",
+        f"this machine's clock is {off:.0f} s {side} {peer}'s Date header: set it right (NTP); "
+        "so far off, tokens shared across machines look expired too early or valid too long, "
+        "and certificates not yet valid or expired",
+    )
+
+
+def _cache_checks(view: _SourceView, timeout: float, settings: dict[str, str]) -> list[_Check]:
+    """The cache folder (owner, mode, usable) and Redis (reachable); nothing is written."""
+    cache = view.file_cache
+    settings["cache file"] = f"{cache.path} ({_from(_ENV_CACHE_DIR)})"
+    settings["cache folder"] = "not there yet: created 0700 at the first token request"
+    with contextlib.suppress(OSError):
+        info = os.lstat(cache.directory)
+        yours = " (you)" * (info.st_uid == getattr(os, "getuid", lambda: None)())
+        settings["cache folder"] = (
+            f"owner uid {info.st_uid}{yours}, mode {info.st_mode & 0o7777:04o}"
+        )
+    try:
+        loose = cache.check_dir()  # raises for a folder the token source would not use
+        existing = next(p for p in (cache.directory, *cache.directory.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise _UnsafeFolder(f"{existing} is not writable here")
+        checks = [_Check("cache", "pass", "usable" + " (made 0700 when used)" * loose)]
+    except OSError as exc:
+        why = f"{cache.directory} cannot hold the token cache ({exc.strerror})"
+        fix = f"each process keeps its own token; set {_ENV_CACHE_DIR} to a folder of yours"
+        checks = [_Check("cache", "fail", f"{why}: {fix}")]
+    redis = next((store for store in view.stores if isinstance(store, _RedisCache)), None)
+    settings["redis"] = f"{redis.label} ({_ENV_REDIS_URL})" if redis else "not configured"
+    if redis is not None:
+        pong = _bounded(functools.partial(redis._call, lambda r: r.ping()), timeout)
+        why = f"{redis.label} cannot be used ({getattr(pong, 'strerror', None) or 'failed'})"
+        fix = f"each machine falls back on its file; check {_ENV_REDIS_URL} and the server"
+        failed = isinstance(pong, Exception)
+        detail = f"{why}: {fix}" if failed else f"{redis.label} answers"
+        checks.append(_Check("redis", "fail" if failed else "pass", detail))
+    return checks
+
+
+def _fetch(auth: EdrvAuth, client: httpx.Client, trusted: str, timeout: float) -> _Check:
+    """``--fetch``: a token as the adapters get one; with an API key, one API request with it."""
+    if not auth._source.renews:
+        url = urllib.parse.urljoin(auth._origin.url, "/v1.1/chargestations?limit=1")
+        outcome = _Exchange(url, timeout, trusted, "the API", _ENV_API_URL).send(client, None, auth)
+        if isinstance(outcome, _Failure):
+            return _Check("fetch", "fail", str(outcome.error))
+        said = f"the API answered HTTP {outcome.status} to GET {url} with the key"
+        if outcome.status == 401:
+            return _Check("fetch", "fail", f"{said}: it refuses the key; check {_ENV_API_KEY}")
+        return _Check("fetch", "fail" if outcome.status >= 500 else "pass", said)
+    started = _clock.time()
+    try:
+        token = auth._source.token(None).token
+    except EdrvAuthError as exc:
+        return _Check("fetch", "fail", str(exc))
+    now, view = _clock.time(), auth._describe()
+    counted = len(view.remembered.counted_times(now)) if view else 0
+    how = (
+        "a new token: 1 token request, counted towards the cap"
+        if token.obtained_at >= started
+        else "a valid cached token, so no token request (to make one, run clear first)"
+    )
+    return _Check(
+        "fetch",
+        "pass",
+        f"{how} ({counted} of at most {_MAX_TOKEN_REQUESTS} in the last "
+        f"{_TOKEN_REQUEST_WINDOW:.0f} s); lifetime {token.expires_at - token.obtained_at:.0f} s, "
+        f"{token.expires_at - now:.0f} s left, scope {token.scope or '(none)'}",
+    )
+
+
+def _doctor(auth: EdrvAuth, fetch: bool) -> dict[str, Any]:
+    """What ``doctor`` reports: the settings in effect, then the checks; never a secret."""
+    import httpx
+
+    view = auth._describe()
+    versions = (
+        f"edrv_auth {__version__}, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
+    )
+    settings = {"version": versions, "mode": f"API key, from {_ENV_API_KEY} (never shown)"}
+    url, peer, setting = auth._origin.url, "the API", _ENV_API_URL
+    verify: bool | str | ssl.SSLContext = True
+    timeout = 10.0  # EdrvAuth's default: API-key mode keeps none
+    if view is not None:
+        settings["mode"] = (
+            f"client credentials, from {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} (never shown)"
+        )
+        settings["client id"] = f"{view.client_id} ({_ENV_CLIENT_ID})"
+        settings["token url"] = f"{view.token_url} ({_from(_ENV_TOKEN_URL)})"
+        settings["audience"] = f"{view.endpoint.audience} ({_from(_ENV_AUDIENCE)})"
+        url, peer, setting = view.token_url, "the token endpoint", _ENV_TOKEN_URL
+        verify, timeout = view.endpoint.verify, view.endpoint.timeout
+    settings["api url"] = f"{auth._origin.url} ({_from(_ENV_API_URL)})"
+    checks = _cache_checks(view, timeout, settings) if view else []
+    target = httpx.URL(url)
+    trust = _trust(verify) if target.scheme == "https" else (None, "")
+    plain = "none: plain http://"
+    settings["trusted CAs"] = "none usable" if isinstance(trust, str) else trust[1] or plain
+    if isinstance(trust, str):  # a CA bundle that cannot be loaded
+        way = [_Check("tls", "fail", trust)]
+    elif isinstance(client := _client(trust[0]), str):  # a proxy URL httpx cannot use
+        way = [_Check("connect", "fail", client)]
+    else:
+        settings["proxy"], proxied = _route(client, target)
+        way = _reach(_Exchange(url, timeout, trust[1], peer, setting), client, proxied)
+        if fetch and all(check.result != "fail" for check in way):
+            way.append(_fetch(auth, client, trust[1], timeout))
+    sends = "only --fetch sends credentials" if fetch else "none sends credentials"
+    settings["checks"] = f"of {peer} {url}, each within {timeout:g} s; {sends}"
+    found = {check.name: check for check in way}
+    unchecked = _Check("", "skip", "not checked: another check failed")
+    checks += [found.get(name, unchecked._replace(name=name)) for name in _WAY + ("fetch",) * fetch]
+    failed = [check.name for check in checks if check.result == "fail"]
+    return {"settings": settings, "checks": [c._asdict() for c in checks], "failed": failed}
+
+
+def _render(report: dict[str, Any]) -> str:
+    """``doctor``'s report as text: a line per setting, then a line per check; a value with
+    a line break or an escape code in it (a variable's) cannot add lines or colours."""
+    lines = [f"{key}: {value}" for key, value in report["settings"].items()]
+    lines += [f"{c['result'].upper():4}  {c['name']}: {c['detail']}" for c in report["checks"]]
+    failed = report["failed"]
+    lines.append(f"failed: {', '.join(failed)}" if failed else "all checks passed")
+    return "\n".join(_clean(line, limit=len(line)) for line in lines)
+
+
 def _error_line(exc: EdrvAuthError) -> str:
     """An error as the one stderr line, prefixed once (never "edrv_auth: edrv_auth needs")."""
     message = str(exc)
@@ -3306,7 +3568,7 @@ def _error_line(exc: EdrvAuthError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edrv_auth token|status|clear``; returns the exit status.
+    """``python -m edrv_auth token|status|clear|doctor``; returns the exit status.
 
     Exit status: 0 success; 1 the token or the cache failed (a wrong secret,
     eDRV unreachable, a stuck lock); 2 a usage or configuration error (no
@@ -3318,7 +3580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m edrv_auth"
         if getattr(sys.modules["__main__"].__spec__, "name", "").startswith("edrv_auth")
         else None,
-        description="Get, inspect or clear the cached eDRV access token.",
+        description="Get, inspect or clear the cached eDRV access token, or check the setup.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configuration:\n"
         "  EDRV_CLIENT_ID and EDRV_CLIENT_SECRET (or EDRV_API_KEY), and the other\n"
@@ -3350,6 +3612,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="remove the cached token",
         description="Remove the cached token from disk; the next use requests a new one.",
     )
+    doctor = commands.add_parser(
+        "doctor",
+        help="show the settings in effect and check the way to eDRV",
+        description="Show the settings in effect (never a secret), then check, each within "
+        "timeout, that the token endpoint's name resolves, that it can be reached (through "
+        "the proxy, if one applies), its TLS certificate, and this machine's clock; with an "
+        "API key, the API instead. None of these sends the credentials. Exit status 0 when "
+        "every check passes, 1 otherwise.",
+    )
+    doctor.add_argument(
+        "--fetch",
+        action="store_true",
+        help="also get a token as your code would (a token request, counted towards the cap "
+        "of 5 a minute, unless a valid one is cached), or send the API key in one API request",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
     if not _log.hasHandlers():
         # Logging is not configured, as usual for a command: warnings (a misspelled
@@ -3376,6 +3654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             cleared = auth._source.renews
             print("cleared the cached token" if cleared else "API key mode: no cache")
+        elif args.command == "doctor":
+            try:
+                report = _doctor(auth, args.fetch)
+            except ImportError:  # an API key needs no httpx, but the checks do
+                print("edrv_auth: doctor's checks need httpx: pip install httpx", file=sys.stderr)
+                return 1
+            print(json.dumps(report, indent=2) if args.json else _render(report))
+            return 1 if report["failed"] else 0
         else:
             print(_status(auth))
     except EdrvAuthError as exc:

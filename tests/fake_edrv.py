@@ -196,6 +196,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Silenced: test output should not be flooded with access logs."""
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header, off by the fake's ``clock_offset`` seconds (a skewed server)."""
+        moment = time.time() + self.server.fake.clock_offset if timestamp is None else timestamp
+        return super().date_time_string(moment)
+
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         try:
@@ -377,8 +382,9 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeEdrv:
     """The fake eDRV: token endpoint, authenticated API, redirects, counters and fault injection.
 
-    Settable attributes (expires_in, token_delay, api_delay, reject_all) may be changed while it
-    runs; each request reads them when it is handled. Counters are updated under a lock.
+    Settable attributes (expires_in, token_delay, api_delay, reject_all, clock_offset) may be
+    changed while it runs; each request reads them when it is handled. Counters are updated under
+    a lock.
     """
 
     #: The one API key the API accepts as a bearer token, as eDRV accepts its API keys.
@@ -418,6 +424,8 @@ class FakeEdrv:
         self.token_delay = 0.0
         self.api_delay = 0.0
         self.reject_all = False
+        #: Seconds added to the time in every ``Date`` header: a server whose clock is off.
+        self.clock_offset = 0.0
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}  # token -> server-side expiry (time.monotonic())
         self._issued: list[str] = []  # every token ever minted, for the tests' leak watch
