@@ -1834,6 +1834,18 @@ def _forget_token(store: _Store, deadline: float) -> None:
 # ---- Token source: memory -> shared cache -> endpoint, single-flight -------
 
 
+def _cap_error(counted: tuple[float, ...], now: float) -> TokenRequestError:
+    """The storm cap's refusal: why, and when the next token request is allowed."""
+    wait = max(counted[0] + _TOKEN_REQUEST_WINDOW - now, 0.0)
+    return TokenRequestError(
+        f"not requesting a token: {len(counted)} token requests for this client id and "
+        f"secret in the last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive "
+        f"token requests as misuse); the cap counts per credential set (client id and "
+        f"secret), across every process using this cache, and clearing the cache does not "
+        f"lift it: the next request is allowed in {wait:.0f} s"
+    )
+
+
 class _InFlightFetch:
     """One token fetch in a worker thread that the tasks of one event loop await."""
 
@@ -2162,6 +2174,23 @@ class _TokenSource:
                 replacing = own.token if own else None
                 return self._request_within_cap(process, record, rejected, store, replacing)
 
+    def request_now(self) -> _Published:
+        """Make one token request now, whatever is cached (the doctor's ``--fetch``).
+
+        It is counted, and refused past the cap. A failure raises, but leaves a
+        cached token that has not expired in use, as it was.
+        """
+        process = self.process_state()
+        deadline = _clock.monotonic() + _LOCK_TIMEOUT
+        with (
+            self._thread_lock(process, deadline),
+            self._lock_first_usable_store(process, deadline) as store,
+        ):
+            own = None if store is None else self._read(process, store)
+            record = own or process.record
+            replacing = own.token if own else None
+            return self._request_within_cap(process, record, None, store, replacing, forced=True)
+
     def _request_within_cap(
         self,
         process: _ProcessState,
@@ -2169,11 +2198,17 @@ class _TokenSource:
         rejected: _Secret | None,
         store: _Store | None,
         replacing: _Token | None,
+        forced: bool = False,
     ) -> _Published:
-        """Request a new token within the shared rate cap; record the outcome and save it."""
+        """Request a new token within the shared rate cap; record the outcome and save it.
+
+        ``forced``: `request_now`, which raises past the cap and on failure.
+        """
         now = _clock.time()
         counted = record.counted_times(now)
         if len(counted) >= _MAX_TOKEN_REQUESTS:
+            if forced:
+                raise _cap_error(counted, now)
             return self._serve_past_the_cap(record, counted, now, rejected)
         if rejected is not None:
             _log.debug("the API rejected the current token; requesting a new one")
@@ -2184,15 +2219,15 @@ class _TokenSource:
             if rejected is None and record.token and now < record.token.expires_at
             else None
         )
-        attempts = min(_MAX_TOKEN_REQUESTS - len(counted), 1 if held else _MAX_ATTEMPTS)
-        result, sent = self.endpoint.request(attempts)
+        attempts = _MAX_ATTEMPTS if forced or not held else 1
+        result, sent = self.endpoint.request(min(_MAX_TOKEN_REQUESTS - len(counted), attempts))
         ended = _clock.time()
         kept = failure = None
         if isinstance(result, TokenRequestError):
-            if held is not None and ended < held.expires_at:
-                kept = self._keep_after_failed_renewal(process, held, result)
-            else:
+            if held is None or ended >= held.expires_at:
                 failure = process.last_failure = _SharedFailure.of(result, ended)
+            elif not forced:  # held stays in the record either way
+                kept = self._keep_after_failed_renewal(process, held, result)
         token = result if isinstance(result, _Token) else None
         renew_after = kept.serve_until if kept else None
         process.record = record.after_request(token, rejected, sent, ended, renew_after, failure)
@@ -2253,14 +2288,7 @@ class _TokenSource:
                     return _Published(token, token.refresh_at(self.refresh_margin))
                 kept = self.published = _Published(token, min(allowed_at, token.expires_at))
                 return kept
-        wait = max(allowed_at - now, 0.0)
-        raise TokenRequestError(
-            f"not requesting a token: {len(counted)} token requests for this client id and "
-            f"secret in the last {_TOKEN_REQUEST_WINDOW:.0f} s already (eDRV treats excessive "
-            f"token requests as misuse); the cap counts per credential set (client id and "
-            f"secret), across every process using this cache, and clearing the cache does not "
-            f"lift it: the next request is allowed in {wait:.0f} s"
-        )
+        raise _cap_error(counted, now)
 
     # -- the background renewal ----------------------------------------------
 
@@ -3476,7 +3504,7 @@ def _cache_checks(view: _SourceView, timeout: float, settings: dict[str, str]) -
 
 def _fetch(auth: EdrvAuth, client: httpx.Client, trusted: str, timeout: float) -> _Check:
     """``--fetch``: a token as the adapters get one; with an API key, one API request with it."""
-    if not auth._source.renews:
+    if isinstance(auth._source, _KeySource):
         url = urllib.parse.urljoin(auth._origin.url, "/v1.1/chargestations?limit=1")
         outcome = _Exchange(url, timeout, trusted, "the API", _ENV_API_URL).send(client, None, auth)
         if isinstance(outcome, _Failure):
@@ -3485,24 +3513,18 @@ def _fetch(auth: EdrvAuth, client: httpx.Client, trusted: str, timeout: float) -
         if outcome.status == 401:
             return _Check("fetch", "fail", f"{said}: it refuses the key; check {_ENV_API_KEY}")
         return _Check("fetch", "fail" if outcome.status >= 500 else "pass", said)
-    started = _clock.time()
     try:
-        token = auth._source.token(None).token
+        token = auth._source.request_now().token
     except EdrvAuthError as exc:
         return _Check("fetch", "fail", str(exc))
     now, view = _clock.time(), auth._describe()
     counted = len(view.remembered.counted_times(now)) if view else 0
-    how = (
-        "a new token: 1 token request, counted towards the cap"
-        if token.obtained_at >= started
-        else "a valid cached token, so no token request (to make one, run clear first)"
-    )
     return _Check(
         "fetch",
         "pass",
-        f"{how} ({counted} of at most {_MAX_TOKEN_REQUESTS} in the last "
-        f"{_TOKEN_REQUEST_WINDOW:.0f} s); lifetime {token.expires_at - token.obtained_at:.0f} s, "
-        f"{token.expires_at - now:.0f} s left, scope {token.scope or '(none)'}",
+        f"a new token: 1 token request, counted towards the cap ({counted} of at most "
+        f"{_MAX_TOKEN_REQUESTS} in the last {_TOKEN_REQUEST_WINDOW:.0f} s); lifetime "
+        f"{token.expires_at - token.obtained_at:.0f} s, scope {token.scope or '(none)'}",
     )
 
 
@@ -3624,8 +3646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_argument(
         "--fetch",
         action="store_true",
-        help="also get a token as your code would (a token request, counted towards the cap "
-        "of 5 a minute, unless a valid one is cached), or send the API key in one API request",
+        help="also make one token request (counted towards the cap of 5 a minute; a token "
+        "already cached stays in use if it fails), or send the API key in one API request",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)

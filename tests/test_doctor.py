@@ -410,31 +410,64 @@ def test_the_clock_is_checked_against_the_endpoints_date(
     assert abs(offset) - 3 <= int(within[1]) <= abs(offset) + 1  # whole seconds, and the trip
 
 
-def test_fetch_makes_one_counted_token_request_then_uses_the_cached_token(
+def test_fetch_makes_one_counted_token_request_each_time(
     fake_env: FakeEdrv, doctor: Doctor
 ) -> None:
-    """`--fetch` on a cold cache makes one token request, says that it counts towards the cap,
-    and reports the lifetime and scope; with a valid token cached, it makes none and says so."""
+    """`--fetch` makes one token request, says that it counts towards the cap, and reports the
+    lifetime and scope; with a valid token cached, it still makes one, replacing that token."""
     code, out = doctor("--fetch")
     assert code == 0
     assert settings(out)["checks"].endswith("each within 10 s; only --fetch sends credentials")
     assert checks(out)["fetch"] == (
         "PASS",
         "a new token: 1 token request, counted towards the cap (1 of at most 5 in the last "
-        "60 s); lifetime 86400 s, 86400 s left, scope read:chargestations write:sessions",
+        "60 s); lifetime 86400 s, scope read:chargestations write:sessions",
     )
     assert fake_env.token_requests == 1
+    first = edrv_auth.EdrvAuth().get_token()
     code, out = doctor("--fetch")
-    assert code == 0
+    assert (code, checks(out)["fetch"][0]) == (0, "PASS")
+    assert "(2 of at most 5 in the last 60 s)" in checks(out)["fetch"][1]
+    assert fake_env.token_requests == 2
+    assert edrv_auth.EdrvAuth().get_token() not in (first, None)  # the new one, for everyone
+    assert fake_env.token_requests == 2
+
+
+def test_fetch_that_fails_leaves_the_cached_token_in_use(
+    fake_env: FakeEdrv, doctor: Doctor, no_sleep: list[float]
+) -> None:
+    """eDRV failing during `--fetch`: the check fails with its answer, and the valid token
+    that was cached stays in use for every process (no renewal is forced on them)."""
+    cached = edrv_auth.EdrvAuth().get_token()
+    for _ in range(3):
+        fake_env.queue_token_response(503, {"error": "temporarily_unavailable"})
+    code, out = doctor("--fetch")
     result, detail = checks(out)["fetch"]
-    assert result == "PASS"
-    assert detail.startswith(
-        "a valid cached token, so no token request (to make one, run clear first) "
-        "(1 of at most 5 in the last 60 s); lifetime 86400 s, 86"
-    )
+    assert (code, result) == (1, "FAIL")
+    assert "HTTP 503 temporarily_unavailable" in detail
+    assert fake_env.token_requests == 4
+    assert edrv_auth.EdrvAuth().get_token() == cached
+    assert fake_env.token_requests == 4
+
+
+def test_fetch_past_the_cap_makes_no_request_and_says_when(
+    fake_env: FakeEdrv, doctor: Doctor
+) -> None:
+    """Five token requests in the last minute already: `--fetch` sends none, and fails saying
+    when the next one is allowed; the cached token stays in use."""
+    auth = edrv_auth.EdrvAuth()
+    cached = auth.get_token()
+    now = edrv_auth._clock.time()
+    record = auth._describe().file_cache.read()
+    assert record is not None
+    auth._describe().file_cache.write(record._replace(requests=(now - 10,) * 5))
+    code, out = doctor("--fetch")
+    result, detail = checks(out)["fetch"]
+    assert (code, result) == (1, "FAIL")
+    assert detail.startswith("not requesting a token: 5 token requests")
+    assert re.search(r"the next request is allowed in (4[0-9]|50) s$", detail)
     assert fake_env.token_requests == 1
-    assert edrv_auth.EdrvAuth().get_token() in fake_env.issued_tokens  # kept, for everyone
-    assert fake_env.token_requests == 1
+    assert edrv_auth.EdrvAuth().get_token() == cached
 
 
 def test_fetch_with_a_wrong_secret_fails_with_the_endpoints_answer(
