@@ -154,6 +154,8 @@ _REDIS_LOCK_TTL = _FETCH_DEADLINE + 2.0
 _LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]{1,16384}")
+#: OAuth `error` values other than the standard ones are shown only in this shape.
+_ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
 
 
 class _Clock(NamedTuple):
@@ -265,6 +267,87 @@ class _Secret:
 
     def __reduce__(self) -> tuple[type[_Secret], tuple[str]]:
         return _Secret, (self.value,)
+
+
+def _fold(text: str) -> str:
+    """``text`` for comparison: compatibility forms unified, case folded, and every
+    invisible, combining, control or space character removed."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
+
+
+class _Redactor:
+    """Recognises the client secret in server-provided text, however it was encoded.
+
+    A proxy or endpoint may echo the form (the secret URL-encoded, with ``/``
+    kept or not, upper- or lower-case escapes), the Basic header (base64 of the
+    secret or of ``client_id:secret``), or an HTML page (entities), with
+    invisible characters slipped in. Text that shares any run of 8 characters
+    (the whole secret, if shorter) with any of these is not shown; exact copies
+    are masked first, so that a description naming the secret in passing still
+    reads well. The encodings are built inside the methods, never kept.
+    """
+
+    __slots__ = ("_client_id", "_secret")
+
+    def __init__(self, client_id: str | None, secret: _Secret | None) -> None:
+        self._client_id = client_id or ""
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "_Redactor('***')"
+
+    def _encodings(self) -> list[str]:
+        import base64
+
+        if not self._secret:
+            return []
+        quote = urllib.parse.quote
+        variants = [
+            self._secret.value,
+            quote(self._secret.value, safe=""),
+            quote(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value),
+            urllib.parse.quote_plus(self._secret.value, safe="/"),
+        ]
+        for plain in (self._secret.value, f"{self._client_id}:{self._secret.value}"):
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                variants.append(encode(plain.encode()).decode())
+                variants.append(variants[-1].rstrip("="))
+        variants += [v.lower() for v in variants[1:5]]  # lower-case percent escapes
+        return sorted({v for v in variants if v}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        """``text`` with exact copies of any encoding of the secret replaced by ``***``."""
+        for encoding in self._encodings():
+            text = text.replace(encoding, "***")
+        return text
+
+    def echoes(self, text: str) -> bool:
+        """Whether ``text``, decoded every way a server might have encoded it, shares a
+        run of 8 characters with any encoding of the secret."""
+        import html
+
+        views = {_fold(text)}
+        for decode in (urllib.parse.unquote, urllib.parse.unquote_plus, html.unescape):
+            decoded = text
+            for _ in range(3):  # double encodings too
+                decoded = decode(decoded)
+                views.add(_fold(decoded))
+        for encoding in self._encodings():
+            folded = _fold(encoding)
+            width = min(8, len(folded))
+            runs = {folded[i : i + width] for i in range(len(folded) - width + 1)}
+            if any(run and run in view for run in runs for view in views):
+                return True
+        return False
+
+    def clean(self, text: str, limit: int = 200) -> str | None:
+        """``text`` made safe for a message, or ``None`` if it echoes the secret."""
+        shown = _clean(text, self, limit)
+        return None if shown == "***" and text.strip() != "***" else shown
 
 
 def _is_number(value: object) -> bool:
@@ -583,10 +666,6 @@ _OAUTH_ERRORS: Final = frozenset(
 )
 
 
-#: Other `error` values are shown only in this shape (and never echoing the secret).
-_ERROR_CODE: Final = re.compile(r"[a-z][a-z_]{0,63}")
-
-
 #: Built SSL contexts, one per trust configuration and process (a context is
 #: costly to build: certifi's bundle alone holds about 150 certificates).
 _contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
@@ -645,87 +724,6 @@ class _Failure:
 
     def __repr__(self) -> str:
         return f"_Failure({self.error!r}, reached={self.reached}, retry={self.retry})"
-
-
-def _fold(text: str) -> str:
-    """``text`` for comparison: compatibility forms unified, case folded, and every
-    invisible, combining, control or space character removed."""
-    import unicodedata
-
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CMZ")
-
-
-class _Redactor:
-    """Recognises the client secret in server-provided text, however it was encoded.
-
-    A proxy or endpoint may echo the form (the secret URL-encoded, with ``/``
-    kept or not, upper- or lower-case escapes), the Basic header (base64 of the
-    secret or of ``client_id:secret``), or an HTML page (entities), with
-    invisible characters slipped in. Text that shares any run of 8 characters
-    (the whole secret, if shorter) with any of these is not shown; exact copies
-    are masked first, so that a description naming the secret in passing still
-    reads well. The encodings are built inside the methods, never kept.
-    """
-
-    __slots__ = ("_client_id", "_secret")
-
-    def __init__(self, client_id: str | None, secret: _Secret | None) -> None:
-        self._client_id = client_id or ""
-        self._secret = secret
-
-    def __repr__(self) -> str:
-        return "_Redactor('***')"
-
-    def _encodings(self) -> list[str]:
-        import base64
-
-        if not self._secret:
-            return []
-        quote = urllib.parse.quote
-        variants = [
-            self._secret.value,
-            quote(self._secret.value, safe=""),
-            quote(self._secret.value),
-            urllib.parse.quote_plus(self._secret.value),
-            urllib.parse.quote_plus(self._secret.value, safe="/"),
-        ]
-        for plain in (self._secret.value, f"{self._client_id}:{self._secret.value}"):
-            for encode in (base64.b64encode, base64.urlsafe_b64encode):
-                variants.append(encode(plain.encode()).decode())
-                variants.append(variants[-1].rstrip("="))
-        variants += [v.lower() for v in variants[1:5]]  # lower-case percent escapes
-        return sorted({v for v in variants if v}, key=len, reverse=True)
-
-    def mask(self, text: str) -> str:
-        """``text`` with exact copies of any encoding of the secret replaced by ``***``."""
-        for encoding in self._encodings():
-            text = text.replace(encoding, "***")
-        return text
-
-    def echoes(self, text: str) -> bool:
-        """Whether ``text``, decoded every way a server might have encoded it, shares a
-        run of 8 characters with any encoding of the secret."""
-        import html
-
-        views = {_fold(text)}
-        for decode in (urllib.parse.unquote, urllib.parse.unquote_plus, html.unescape):
-            decoded = text
-            for _ in range(3):  # double encodings too
-                decoded = decode(decoded)
-                views.add(_fold(decoded))
-        for encoding in self._encodings():
-            folded = _fold(encoding)
-            width = min(8, len(folded))
-            runs = {folded[i : i + width] for i in range(len(folded) - width + 1)}
-            if any(run and run in view for run in runs for view in views):
-                return True
-        return False
-
-    def clean(self, text: str, limit: int = 200) -> str | None:
-        """``text`` made safe for a message, or ``None`` if it echoes the secret."""
-        shown = _clean(text, self, limit)
-        return None if shown == "***" and text.strip() != "***" else shown
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
