@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _plant
+from conftest import CLIENT_SECRET, Clock, LeakWatch, MakeAuth, _plant, finish_renewal
 from fake_edrv import FakeEdrv
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -54,6 +54,8 @@ CI = settings(
 NOW = 1_700_000_000.0
 #: EdrvAuth's default refresh margin.
 MARGIN = 300.0
+#: The timeout of the instances under test: a token with more left outlives a renewal.
+TIMEOUT = 2.0
 #: Integers well beyond any float, which once overflowed `math.isfinite` in `_is_number`.
 HUGE = 10**400
 
@@ -248,19 +250,21 @@ def _outcome(auth: edrv_auth.EdrvAuth) -> str | EdrvAuthError:
 def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
     make_auth: MakeAuth, fake: FakeEdrv, clock: Clock, tmp_path: Path, leak_watch: LeakWatch
 ) -> None:
-    """Any cache file content yields the planted token, a fresh one, or EdrvAuthError."""
+    """Any cache file content yields the planted token (fresh, or due and renewed in the
+    background), a fresh one, or EdrvAuthError."""
     clock.now = NOW
     seen: Counter[str] = Counter()
 
     @settings(CI, max_examples=200)
     @given(raw=cache_contents)
     @example(raw=_cache_doc(86_400, []))  # planted, fresh
-    @example(raw=_cache_doc(100, FULL_WINDOW))  # capped, planted kept inside its margin
+    @example(raw=_cache_doc(100, FULL_WINDOW))  # due, renewed in the background: capped
+    @example(raw=_cache_doc(1.5, FULL_WINDOW))  # capped, planted kept within its timeout
     @example(raw=_cache_doc(-1, FULL_WINDOW))  # capped, planted expired: error
     @example(raw=_cache_doc(None, [70.0, *FULL_WINDOW[1:]]))  # one request left the window
     def check(raw: bytes) -> None:
         directory = _fresh_example(fake, tmp_path)
-        auth = make_auth(cache_dir=directory, timeout=2)
+        auth = make_auth(cache_dir=directory, timeout=TIMEOUT)
         _plant(auth._describe().file_cache.path, raw)
         expected = edrv_auth._parse_record(raw)
         assert auth._describe().file_cache.read() == expected
@@ -268,7 +272,9 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
         if token is not None and token.access_token.value.startswith("planted-"):
             leak_watch.secrets.add(token.access_token.value)  # distinctive: searched for in logs
         recent = expected.counted_times(NOW) if expected else ()  # what the storm cap counts
+        capped = len(recent) >= edrv_auth._MAX_TOKEN_REQUESTS
         result = _outcome(auth)
+        finish_renewal(auth)  # one started in the background ends within its example
         if isinstance(result, EdrvAuthError):
             _check_message(result, leak_watch)
             # The only error possible here: the planted record says the cap is reached, and the
@@ -282,7 +288,12 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
         elif token is not None and token.refresh_at(MARGIN) > NOW:
             assert (result, fake.token_requests) == (token.access_token.value, 0)
             seen["planted, fresh"] += 1
-        elif len(recent) >= edrv_auth._MAX_TOKEN_REQUESTS:
+        elif token is not None and token.expires_at - TIMEOUT > NOW:
+            # Due, and it outlives a renewal: sent while one replaces it in the background.
+            assert result == token.access_token.value
+            assert fake.token_requests == (0 if capped else 1)
+            seen["planted, due"] += 1
+        elif capped:
             assert token is not None
             assert token.expires_at > NOW
             assert (result, fake.token_requests) == (token.access_token.value, 0)
@@ -293,7 +304,13 @@ def test_any_cache_file_content_gives_a_token_or_edrv_auth_error(
             seen["fetched"] += 1
 
     check()
-    assert set(seen) == {"planted, fresh", "capped, planted kept", "capped, error", "fetched"}
+    assert set(seen) == {
+        "planted, fresh",
+        "planted, due",
+        "capped, planted kept",
+        "capped, error",
+        "fetched",
+    }
 
 
 # ---- 2. the token endpoint -------------------------------------------------------
