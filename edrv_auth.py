@@ -1907,15 +1907,21 @@ class _Renewals:
         self.latest: dict[str, _Renewal] = {}
         self.exiting = False
 
-    def start(self, key: str, renew: Callable[[_Renewal], None], renewal: _Renewal) -> None:
-        """Run ``renew(renewal)`` in a daemon thread, unless a renewal for ``key`` runs
-        already or the process is exiting (its exit handlers run)."""
+    def start(
+        self, key: str, renew: Callable[[_Renewal], None], lock_wait: float, timeout: float
+    ) -> None:
+        """Run ``renew`` in a daemon thread, with a `_Renewal` of these deadlines, unless a
+        renewal for ``key`` runs already or the process is exiting (its exit handlers run).
+
+        Every call during a renewal lands here: it looks, and builds nothing.
+        """
         if not self.lock.acquire(blocking=False):
             return  # another thread is starting one, or looking
         try:
             running = self.latest.get(key)
             if self.exiting or (running is not None and not running.done.is_set()):
                 return
+            renewal = _Renewal(lock_wait, timeout)
             with contextlib.suppress(RuntimeError):  # "can't create new thread at shutdown"
                 _thread.start_new_thread(renew, (renewal,))
                 self.latest[key] = renewal
@@ -2325,8 +2331,7 @@ class _TokenSource:
         except RuntimeError:  # "can't register atexit after shutdown"
             return
         lock_wait = max(_FETCH_DEADLINE - self.endpoint.timeout, _RENEWAL_LOCK_WAIT)
-        renewal = _Renewal(lock_wait, self.endpoint.timeout)
-        _renewals.start(str(self.file_cache.path), self._renew, renewal)
+        _renewals.start(str(self.file_cache.path), self._renew, lock_wait, self.endpoint.timeout)
 
     def _renew(self, renewal: _Renewal) -> None:
         """The background renewal thread: the blocking path, with nobody waiting for it.
