@@ -49,7 +49,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeGuard
 
 # Only what a warm process needs is imported up front: filelock, urllib.request,
 # argparse and email load on the slow paths that use them (a token request, a
@@ -350,7 +350,7 @@ class _Redactor:
         return None if shown == "***" and text.strip() != "***" else shown
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     """A finite int or float (not a bool): what JSON numbers must be to be used."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -372,34 +372,16 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-class _Token:
+class _Token(NamedTuple):
     """An access token and when it was obtained and expires (epoch seconds).
 
-    A plain class rather than a tuple: error reporters walk tuples field by field.
+    Error reporters walk tuples field by field: the token is a `_Secret`, shown as ``***``.
     """
 
-    __slots__ = ("access_token", "expires_at", "obtained_at", "scope")
-
-    def __init__(
-        self, access_token: _Secret, obtained_at: float, expires_at: float, scope: str = ""
-    ) -> None:
-        self.access_token = access_token
-        self.obtained_at = obtained_at
-        self.expires_at = expires_at
-        self.scope = scope
-
-    def __repr__(self) -> str:
-        return f"_Token(access_token='***', expires_at={self.expires_at!r}, scope={self.scope!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Token) and (
-            self.access_token,
-            self.obtained_at,
-            self.expires_at,
-            self.scope,
-        ) == (other.access_token, other.obtained_at, other.expires_at, other.scope)
-
-    __hash__ = None  # type: ignore[assignment]
+    access_token: _Secret
+    obtained_at: float
+    expires_at: float
+    scope: str = ""
 
     def refresh_at(self, margin: float) -> float:
         """When to start replacing this token: ``margin`` seconds before it expires.
@@ -432,8 +414,6 @@ class _Token:
         if (
             not isinstance(data.get("access_token"), str)
             or not _TOKEN_CHARS.fullmatch(data["access_token"])
-            or not isinstance(obtained, (int, float))
-            or not isinstance(expires, (int, float))
             or not _is_number(obtained)
             or not _is_number(expires)
             or obtained < 0
@@ -508,8 +488,7 @@ class _SharedFailure(NamedTuple):
         at, message = data.get("at"), data.get("message")
         status, error = data.get("status_code"), data.get("error")
         if (
-            not isinstance(at, (int, float))
-            or not _is_number(at)
+            not _is_number(at)
             or at > _clock.time() + _CLOCK_SKEW
             or not isinstance(message, str)
             or not (status is None or (isinstance(status, int) and 100 <= status <= 599))
@@ -632,20 +611,14 @@ def _parse_record(raw: bytes) -> _CacheRecord | None:
 
 #: CA variables, in the order requests (first pair) and httpx (second pair) read them.
 _CA_VARIABLES: Final = (("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"), ("SSL_CERT_FILE", "SSL_CERT_DIR"))
-
-
 _TRUST_HINT: Final = (
     "if a company proxy or a private CA signs it, set REQUESTS_CA_BUNDLE or SSL_CERT_FILE "
     "to that CA's bundle, or pass verify= a CA bundle path or an ssl.SSLContext"
 )
-
-
 #: OpenSSL's verify codes for a certificate issued for another host or IP address, and
 #: for one past its end date.
 _NAME_MISMATCH: Final = frozenset({62, 64})
 _EXPIRED: Final = 10
-
-
 #: RFC 6749 and RFC 6750 error codes, and a few common extensions: always shown.
 _OAUTH_ERRORS: Final = frozenset(
     {
@@ -700,30 +673,17 @@ class _Answer:
         return f"_Answer(status={self.status})"
 
 
-class _Failure:
+class _Failure(NamedTuple):
     """A failed attempt: the error to raise, and what it means for retries and the cap.
 
     ``reached``: the request may have reached the endpoint, so it counts towards
     the rate cap. ``retry``: another attempt may succeed.
     """
 
-    __slots__ = ("error", "reached", "retry", "retry_after")
-
-    def __init__(
-        self,
-        error: TokenRequestError,
-        *,
-        reached: bool,
-        retry: bool,
-        retry_after: float | None = None,
-    ) -> None:
-        self.error = error
-        self.reached = reached
-        self.retry = retry
-        self.retry_after = retry_after
-
-    def __repr__(self) -> str:
-        return f"_Failure({self.error!r}, reached={self.reached}, retry={self.retry})"
+    error: TokenRequestError
+    reached: bool
+    retry: bool
+    retry_after: float | None = None
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -799,11 +759,9 @@ def _trust(verify: bool | str | ssl.SSLContext) -> tuple[ssl.SSLContext, str] | 
             if named is not None:
                 (sources if os.path.exists(named[1]) else missing).append(named)
     if not sources:
-        try:
+        with contextlib.suppress(ImportError):
             import certifi
-        except ImportError:
-            sources = []
-        else:
+
             sources.append(("certifi", certifi.where()))
     label = (
         ", ".join(
@@ -984,7 +942,9 @@ class _Exchange:
                 timeout=httpx.Timeout(self.timeout, connect=self.timeout * _CONNECT_SHARE),
                 extensions={"trace": self.trace},
             ) as response:
-                outcome = _Answer(response.status_code, response.headers, _read_body(response))
+                # The body decoded, cut at `_MAX_BODY` bytes (the deadline bounds the read).
+                body = next(response.iter_bytes(_MAX_BODY), b"")[:_MAX_BODY]
+                outcome = _Answer(response.status_code, response.headers, body)
         except Exception as exc:  # noqa: BLE001 - any failure is this attempt's, told by `failure`
             outcome = self.failure(exc)
         with self._lock:
@@ -1017,9 +977,9 @@ class _Exchange:
             (e for e in _chain(exc) if isinstance(e, ssl.SSLCertVerificationError)), None
         )
         if certificate is not None:
-            message = _certificate_error(self, proxy if self.stage == "tunnel" else "", certificate)
+            message = self.certificate_error(proxy if self.stage == "tunnel" else "", certificate)
         elif self.refusal is not None:
-            message = _refused(proxy, self.authority, self.host, self.refusal)
+            message = self.refused(proxy, self.refusal)
         elif self.stage == "answer" and (exc is None or isinstance(exc, httpx.TimeoutException)):
             message = (
                 f"{self.peer} {self.url} did not answer in time "
@@ -1042,6 +1002,48 @@ class _Exchange:
         reached = self.stage in ("sent", "answer")  # the form may have been written
         return _Failure(TokenRequestError(message), reached=reached, retry=not final)
 
+    def certificate_error(self, proxy: str, exc: ssl.SSLCertVerificationError) -> str:
+        """Why a certificate failed verification, whose it was (the endpoint's, or an
+        ``https://`` ``proxy``'s), and how to fix it."""
+        reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
+        who = proxy or f"{self.peer} {self.url}"
+        if exc.verify_code in _NAME_MISMATCH:
+            setting = "HTTPS_PROXY or ALL_PROXY" if proxy else self.setting
+            host = self.proxy[0] if self.proxy and proxy else self.host
+            return (
+                f"the certificate of {who} is not valid for {host} "
+                f"(hostname mismatch: {reason}); check {setting}"
+            )
+        if exc.verify_code == _EXPIRED:
+            return (
+                f"the certificate of {who} has expired ({reason}): unless this machine's clock "
+                "is wrong, its owner must renew it"
+            )
+        # httpx checks an https:// proxy against certifi and the system's store, not ours.
+        trusted = "certifi's bundle and the system's store" if proxy else self.trusted
+        return (
+            f"the certificate of {who} is not trusted ({reason}; trusted here: {trusted}): "
+            f"{_TRUST_HINT}"
+        )
+
+    def refused(self, proxy: str, status: int) -> str:
+        """A proxy's error answer to ``CONNECT``: its 5xx (it could not reach the endpoint,
+        which may pass) named as its own, its 4xx (its policy or credentials) with the fix."""
+        import httpx
+
+        answer = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
+        if status >= 500:
+            return (
+                f"{proxy} could not open a tunnel to {self.authority}: {answer} "
+                "(the proxy's answer, not the token endpoint's)"
+            )
+        fix = (
+            "check the user name and password in HTTPS_PROXY or ALL_PROXY"
+            if status == 407
+            else f"add {self.host} to NO_PROXY if it must be reached directly"
+        )
+        return f"{proxy} refused the tunnel to {self.authority}: {answer} ({fix})"
+
 
 def _shut_down(stream: Any) -> None:
     """End every read and write on one of httpx's network streams at once."""
@@ -1049,60 +1051,6 @@ def _shut_down(stream: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):  # already closed, or wrapped by TLS since
             sock.shutdown(socket.SHUT_RDWR)
-
-
-def _certificate_error(exchange: _Exchange, proxy: str, exc: ssl.SSLCertVerificationError) -> str:
-    """Why a certificate failed verification, whose it was (the endpoint's, or an
-    ``https://`` ``proxy``'s), and how to fix it."""
-    reason = _clean(str(exc.verify_message or exc.reason or "certificate verify failed"))
-    who = proxy or f"{exchange.peer} {exchange.url}"
-    if exc.verify_code in _NAME_MISMATCH:
-        setting = "HTTPS_PROXY or ALL_PROXY" if proxy else exchange.setting
-        host = exchange.proxy[0] if exchange.proxy and proxy else exchange.host
-        return (
-            f"the certificate of {who} is not valid for {host} "
-            f"(hostname mismatch: {reason}); check {setting}"
-        )
-    if exc.verify_code == _EXPIRED:
-        return (
-            f"the certificate of {who} has expired ({reason}): unless this machine's clock "
-            "is wrong, its owner must renew it"
-        )
-    # httpx checks an https:// proxy against certifi and the system's store, not ours.
-    trusted = "certifi's bundle and the system's store" if proxy else exchange.trusted
-    return (
-        f"the certificate of {who} is not trusted ({reason}; trusted here: {trusted}): "
-        f"{_TRUST_HINT}"
-    )
-
-
-def _refused(proxy: str, authority: str, host: str, status: int) -> str:
-    """A proxy's error answer to ``CONNECT``: its 5xx (it could not reach the endpoint,
-    which may pass) named as its own, its 4xx (its policy or credentials) with the fix."""
-    import httpx
-
-    answer = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
-    if status >= 500:
-        return (
-            f"{proxy} could not open a tunnel to {authority}: {answer} "
-            "(the proxy's answer, not the token endpoint's)"
-        )
-    fix = (
-        "check the user name and password in HTTPS_PROXY or ALL_PROXY"
-        if status == 407
-        else f"add {host} to NO_PROXY if it must be reached directly"
-    )
-    return f"{proxy} refused the tunnel to {authority}: {answer} ({fix})"
-
-
-def _read_body(response: httpx.Response) -> bytes:
-    """The answer's body, decoded, cut at `_MAX_BODY` bytes (the deadline bounds the read)."""
-    body = b""
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) >= _MAX_BODY:
-            break
-    return body[:_MAX_BODY]
 
 
 def _post(
@@ -1396,19 +1344,14 @@ if TYPE_CHECKING:  # a typing aid only: no Protocol class to build at import
 
 
 _O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
-
-
 _O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
-
-
 _O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
-
-
 _O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
 
 
-class _UnsafeFolder(OSError):
-    """The cache folder is not ours to use; the message says why, naming no secret."""
+class _Unusable(OSError):
+    """A shared cache (the folder, or Redis) cannot be used; the message says why, naming no
+    secret (for Redis, its error class only)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(0, reason)
@@ -1540,7 +1483,7 @@ class _FileCache:
         fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
         try:
             if os.fstat(fd).st_uid != os.getuid():  # pragma: no cover - a race lost
-                raise _UnsafeFolder("the folder is owned by another user")
+                raise _Unusable("the folder is owned by another user")
             os.fchmod(fd, 0o700)
         finally:
             os.close(fd)
@@ -1556,9 +1499,9 @@ class _FileCache:
         except FileNotFoundError:
             return False
         if not stat.S_ISDIR(info.st_mode):
-            raise _UnsafeFolder("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
+            raise _Unusable("not a folder" if not stat.S_ISLNK(info.st_mode) else "a symlink")
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise _UnsafeFolder("the folder is owned by another user")
+            raise _Unusable("the folder is owned by another user")
         # Permission bits mean nothing on Windows.
         return os.name == "posix" and stat.S_IMODE(info.st_mode) & 0o722 != 0o700
 
@@ -1568,25 +1511,22 @@ class _FileCache:
         Raises ``OSError`` when the folder is not ours (see `check_dir`).
         """
         self.check_dir()
+        fd = -1
         try:
             # O_NONBLOCK: opening (or reading) a FIFO planted here must not wait for a writer.
             fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+            problem = _untrusted(os.fstat(fd))
+            raw = b"" if problem else os.read(fd, _MAX_BODY + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
-            return None
-        try:
-            problem = _untrusted(os.fstat(fd))
-            if problem:
-                _log.debug("ignoring the cache file %s: %s", self.path, problem)
-                return None
-            raw = os.read(fd, _MAX_BODY + 1)
-        except OSError as exc:
-            _log.debug("ignoring the cache file %s: %s", self.path, exc.strerror)
-            return None
+            problem = exc.strerror or type(exc).__name__
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        if problem:
+            _log.debug("ignoring the cache file %s: %s", self.path, problem)
+            return None
         state = _parse_record(raw)
         if state is None:
             _log.debug("ignoring the cache file %s: not a valid token cache", self.path)
@@ -1632,13 +1572,6 @@ class _FileCache:
                 info = leftover.lstat()
                 if stat.S_ISREG(info.st_mode) and _clock.time() - info.st_mtime > 60:
                     leftover.unlink()
-
-
-class _RedisDown(OSError):
-    """Redis could not be used; the message names the Redis error class only."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(0, reason)
 
 
 #: Replace the state only if it still holds the token we read (ARGV[1], "" for
@@ -1740,7 +1673,7 @@ class _RedisCache:
         import redis  # type: ignore[import-not-found, unused-ignore]  # as in __init__
 
         if _clock.monotonic() < self._down_until:
-            raise _RedisDown("unreachable a moment ago")
+            raise _Unusable("unreachable a moment ago")
         try:
             if self._client is None or self._client_pid != os.getpid():
                 self._client = redis.Redis.from_url(
@@ -1752,7 +1685,7 @@ class _RedisCache:
             return operation(self._client)
         except (redis.RedisError, ValueError) as exc:  # ValueError: a URL redis-py rejects
             self._down_until = _clock.monotonic() + _REDIS_RETRY_AFTER
-            raise _RedisDown(type(exc).__name__) from exc
+            raise _Unusable(type(exc).__name__) from exc
 
     def read(self) -> _CacheRecord | None:
         """The state in Redis, checked as the cache file is (and as large at most)."""
@@ -1805,7 +1738,7 @@ class _RedisCache:
                 # stop the fleet: leave Redis alone for a while, use the file.
                 _log.debug("timed out waiting for the token lock in Redis %s", self.label)
                 self._down_until = _clock.monotonic() + _REDIS_RETRY_AFTER
-                raise _RedisDown("its token lock was held too long")
+                raise _Unusable("its token lock was held too long")
             time.sleep(_LOCK_POLL)  # waiting for another process: real time
         try:
             yield
@@ -2595,14 +2528,8 @@ def _credentials(
                 "printable ASCII without spaces (a trailing newline, read from a file?)"
             )
         return api_key
-    missing = [
-        name
-        for name, given in (
-            (_ENV_CLIENT_ID, bool(client_id)),
-            (_ENV_CLIENT_SECRET, bool(client_secret)),
-        )
-        if not given
-    ]
+    pairs = ((_ENV_CLIENT_ID, client_id), (_ENV_CLIENT_SECRET, client_secret))
+    missing = [name for name, given in pairs if not given]
     if len(missing) == 2:
         raise EdrvAuthError(
             f"no eDRV credentials: set {_ENV_CLIENT_ID} and {_ENV_CLIENT_SECRET} "
@@ -3487,7 +3414,7 @@ def _cache_checks(view: _SourceView, timeout: float, settings: dict[str, str]) -
         loose = cache.check_dir()  # raises for a folder the token source would not use
         existing = next(p for p in (cache.directory, *cache.directory.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise _UnsafeFolder(f"{existing} is not writable here")
+            raise _Unusable(f"{existing} is not writable here")
         checks = [_Check("cache", "pass", "usable" + " (made 0700 when used)" * loose)]
     except OSError as exc:
         why = f"{cache.directory} cannot hold the token cache ({exc.strerror})"

@@ -267,6 +267,23 @@ def test_unusable_200_is_an_error(
     assert state is None or state.token is None
 
 
+def test_answer_is_read_up_to_64_kib_only(
+    make_auth: MakeAuth, fake: FakeEdrv, leak_watch: LeakWatch, no_sleep: list[float]
+) -> None:
+    """A token answer over 64 KiB is cut there, not read whole (a misbehaving gateway could
+    send gigabytes): cut, it is no JSON token, and says so. Just under the cap, it works."""
+    json_type = {"Content-Type": "application/json"}
+    padding = " " * (64 * 1024)
+    leak_watch.secrets.add("fake-token-huge")
+    huge = '{"access_token": "fake-token-huge"' + padding + "}"
+    fake.queue_token_response(200, huge, json_type)
+    error = _fails(make_auth(), leak_watch)
+    assert "answered application/json, not a JSON token" in str(error)
+    fits = '{"access_token": "fake-token-fits"' + padding[:60_000] + "}"
+    fake.queue_token_response(200, fits, json_type)
+    assert make_auth().get_token() == "fake-token-fits"
+
+
 @pytest.mark.parametrize(
     ("extra", "lifetime"),
     [({}, 3600.0), ({"expires_in": 1e12}, 30 * 86400.0)],
