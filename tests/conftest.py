@@ -47,6 +47,21 @@ API_KEY = "test-api-key-canary-93c2a8"
 MakeAuth = Callable[..., edrv_auth.EdrvAuth]
 
 
+@contextlib.contextmanager
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Children started in this block take Ctrl-C (SIGINT) as in a terminal, even when the
+    suite runs with SIGINT ignored (started with `&`, nohup or a CI runner): an ignored
+    signal stays ignored across exec, while a handled one starts at its default."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _closed_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

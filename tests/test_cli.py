@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, LeakWatch, MakeAuth, _plant, run_python
+from conftest import API_KEY, LeakWatch, MakeAuth, _plant, ctrl_c_reaches_children, run_python
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -238,13 +238,14 @@ def test_clear_that_cannot_change_the_cache_says_so_and_exits_1(
 def test_ctrl_c_while_waiting_for_a_token_exits_130(fake_env: FakeEdrv) -> None:
     """SIGINT during a slow token request ends `token` with status 130 and no traceback."""
     fake_env.token_delay = 10
-    child = subprocess.Popen(
-        [sys.executable, "-m", "edrv_auth", "token"],
-        cwd=MODULE_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with ctrl_c_reaches_children():
+        child = subprocess.Popen(
+            [sys.executable, "-m", "edrv_auth", "token"],
+            cwd=MODULE_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         deadline = time.monotonic() + 20
         while fake_env.token_requests == 0:  # the request is in flight: the CLI waits on it

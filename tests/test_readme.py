@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, LeakWatch, _closed_port
+from conftest import ROOT, LeakWatch, _closed_port, ctrl_c_reaches_children
 from fake_edrv import FakeEdrv
 
 import edrv_auth
@@ -137,9 +137,10 @@ def test_running_your_code_against_the_fake_works_as_shown(leak_watch: LeakWatch
     port = str(_closed_port())
     command = shlex.split(start.replace(FAKE_PORT, port))
     assert command[:2] == ["python", "tests/fake_edrv.py"]
-    server = subprocess.Popen(
-        [sys.executable, *command[1:]], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
+    with ctrl_c_reaches_children():
+        server = subprocess.Popen(
+            [sys.executable, *command[1:]], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
     try:
         assert server.stdout is not None
         expected = printed.replace(FAKE_PORT, port).splitlines()
