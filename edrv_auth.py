@@ -532,17 +532,21 @@ class _CacheRecord(NamedTuple):
         now: float,
         renew_after: float | None = None,
         failure: _SharedFailure | None = None,
+        forced: bool = False,
     ) -> _CacheRecord:
         """The record at ``now``, after a token request whose attempts reached eDRV at ``sent``.
 
         A token the API rejected, or one that has expired, is dropped even if
         no new one came; ``renew_after`` is kept only with the token that a
         renewal failed to replace, and ``failure`` only when no token is left.
+        A ``forced`` request (the doctor's ``--fetch``) is never a renewal: it
+        replaces a token whatever its age, so each one counts towards the cap.
         """
         window = now - _TOKEN_REQUEST_WINDOW
         requests = [t for t in self.requests if t > window]
         renewed_at, counted = self.renewed_at, list(sent)
-        if token is not None and rejected is None and self.token is not None and counted:
+        renewal = not forced and rejected is None and self.token is not None
+        if token is not None and renewal and counted:
             renewed_at = counted.pop()  # a renewal: the old token reached its refresh time
         requests.extend(counted)
         old = self.token
@@ -2167,7 +2171,9 @@ class _TokenSource:
                 kept = self._keep_after_failed_renewal(process, held, result)
         token = result if isinstance(result, _Token) else None
         renew_after = kept.serve_until if kept else None
-        process.record = record.after_request(token, rejected, sent, ended, renew_after, failure)
+        process.record = record.after_request(
+            token, rejected, sent, ended, renew_after, failure, forced
+        )
         if store is not None:
             self._save(process, store, process.record, replacing)
         if isinstance(result, TokenRequestError):
@@ -3452,7 +3458,7 @@ def _fetch(auth: EdrvAuth, client: httpx.Client, trusted: str, timeout: float) -
     return _Check(
         "fetch",
         "pass",
-        f"a new token: 1 token request, counted towards the cap ({counted} of at most "
+        f"a new token, its token request counted towards the cap ({counted} of at most "
         f"{_MAX_TOKEN_REQUESTS} in the last {_TOKEN_REQUEST_WINDOW:.0f} s); lifetime "
         f"{token.expires_at - token.obtained_at:.0f} s, scope {token.scope or '(none)'}",
     )

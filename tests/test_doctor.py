@@ -420,7 +420,7 @@ def test_fetch_makes_one_counted_token_request_each_time(
     assert settings(out)["checks"].endswith("each within 10 s; only --fetch sends credentials")
     assert checks(out)["fetch"] == (
         "PASS",
-        "a new token: 1 token request, counted towards the cap (1 of at most 5 in the last "
+        "a new token, its token request counted towards the cap (1 of at most 5 in the last "
         "60 s); lifetime 86400 s, scope read:chargestations write:sessions",
     )
     assert fake_env.token_requests == 1
@@ -431,6 +431,20 @@ def test_fetch_makes_one_counted_token_request_each_time(
     assert fake_env.token_requests == 2
     assert edrv_auth.EdrvAuth().get_token() not in (first, None)  # the new one, for everyone
     assert fake_env.token_requests == 2
+
+
+def test_fetch_in_a_loop_stops_at_the_cap(fake_env: FakeEdrv, doctor: Doctor) -> None:
+    """`--fetch` replaces a token that is not due: never a renewal (which the cap leaves out),
+    so a loop of them makes 5 token requests a minute and then none."""
+    for made in range(1, 6):
+        code, out = doctor("--fetch")
+        assert (code, checks(out)["fetch"][0]) == (0, "PASS")
+        assert f"({made} of at most 5 in the last 60 s)" in checks(out)["fetch"][1]
+    code, out = doctor("--fetch")
+    result, detail = checks(out)["fetch"]
+    assert (code, result) == (1, "FAIL")
+    assert detail.startswith("not requesting a token: 5 token requests")
+    assert fake_env.token_requests == 5
 
 
 def test_fetch_that_fails_leaves_the_cached_token_in_use(
