@@ -958,12 +958,14 @@ class _Exchange:
 
     def result(self) -> _Answer | _Failure:
         """Wait for the worker until the deadline, ``timeout`` seconds away; then end it."""
-        self.done.wait(self.timeout)
-        with self._lock:
-            self._abandoned = True
-            outcome, streams = self.outcome, list(self._streams)
-        for stream in streams if outcome is None else ():
-            _shut_down(stream)
+        try:
+            self.done.wait(self.timeout)
+        finally:  # on Ctrl-C too: an attempt given up on must not go on in its thread
+            with self._lock:
+                self._abandoned = True
+                outcome, streams = self.outcome, list(self._streams)
+            for stream in streams if outcome is None else ():
+                _shut_down(stream)
         return outcome or self.failure(None)
 
     def failure(self, exc: BaseException | None) -> _Failure:

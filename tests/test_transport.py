@@ -14,6 +14,7 @@ to work for the token request.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import http.client
 import json
@@ -1050,6 +1051,23 @@ def test_timeout_bounds_the_whole_answer(make_auth: MakeAuth, no_sleep: list[flo
             worker.join(1.0)  # still dripping, unless its socket was shut down
         assert _token_request_workers() == []
     assert elapsed < 4  # 3 attempts of ~0.5 s, not 3 x 200 s
+
+
+def test_ctrl_c_during_an_attempt_ends_it(make_auth: MakeAuth) -> None:
+    """Ctrl-C while the caller waits for an attempt (a notebook user giving up) ends the
+    attempt too: its connection is shut down, not left dripping in its thread."""
+    with DripServer("body") as drip:
+        auth = make_auth(token_url=drip.token_url, timeout=20)
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                auth.get_token()
+        finally:
+            timer.cancel()
+        for worker in _token_request_workers():
+            worker.join(1.0)  # still dripping, unless its socket was shut down
+        assert _token_request_workers() == []
 
 
 def _resolving(
