@@ -415,6 +415,22 @@ def test_past_the_cap_an_expired_token_is_never_sent(
     assert (fake.api_requests, fake.token_requests) == (0, 0)
 
 
+def test_past_the_cap_a_token_kept_in_memory_is_not_sent_after_it_expires(
+    fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
+) -> None:
+    """Cap reached with a due token 5 s from expiry: it is served from memory, but only until
+    it expires, even though the cap allows the next request later than that."""
+    auth = make_auth(timeout=10)
+    now = clock.now
+    due = _token(fake, now - 3595, now + 5)
+    _plant_record(auth, edrv_auth._CacheRecord(due, (now - 10,) * 5))  # allowed in 50 s
+    assert auth.get_token() == due.access_token.value
+    clock.advance(6)
+    with pytest.raises(TokenRequestError, match="not requesting a token"):
+        auth.get_token()
+    assert fake.token_requests == 0
+
+
 def test_a_retry_time_a_day_away_is_not_trusted(
     fake: FakeEdrv, make_auth: MakeAuth, clock: Clock
 ) -> None:

@@ -713,7 +713,7 @@ def test_one_client_per_trust_and_proxy_configuration(
     make_tls_auth: MakeAuth, tls_fake: FakeEdrv, ca: TestCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Token requests with the same trust and proxies share one httpx client; another proxy
-    setting gets its own."""
+    setting gets its own, and so does a NO_PROXY set later (the proxy is then left out)."""
     monkeypatch.setattr(edrv_auth, "_clients", {})
     auth = make_tls_auth(verify=str(ca.bundle))
     auth.get_token()
@@ -724,8 +724,13 @@ def test_one_client_per_trust_and_proxy_configuration(
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         auth.clear()
         auth.get_token()
-    assert len(edrv_auth._clients) == 2
-    assert tls_fake.token_requests == 3
+        assert len(proxy.tunnels) == 1
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        auth.clear()
+        auth.get_token()
+        assert len(proxy.tunnels) == 1
+    assert len(edrv_auth._clients) == 3
+    assert tls_fake.token_requests == 4
 
 
 # ---- what goes on the wire: hosts, paths, answers ----------------------------------------
