@@ -809,8 +809,9 @@ def _client(context: ssl.SSLContext | None) -> httpx.Client | str:
 
     import httpx
 
-    proxies = urllib.request.getproxies() if context is not None else {}
-    key = (os.getpid(), id(context), _Secret(repr(sorted(proxies.items()))))
+    # The proxy URLs may hold a password: never in a plain local, which error reporters collect.
+    proxies = _Secret(repr(sorted(urllib.request.getproxies().items())) if context else "")
+    key = (os.getpid(), id(context), proxies)
     client = _clients.get(key)
     if client is not None:
         return client
